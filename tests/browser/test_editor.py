@@ -1,0 +1,145 @@
+"""The editor in a real browser (Debian Chromium), on the real embedded model."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlparse
+
+OPTIONS = "#editor [role=option]"
+POPUP = "#editor [role=listbox]"
+TEXTAREA = "#editor textarea"
+ANSWER_TIMEOUT = 60_000  # ms; a Tab press takes ~1-3 s here, more on a busy CI machine
+
+
+def type_into_editor(page, text: str) -> None:
+    page.click(TEXTAREA)
+    page.keyboard.insert_text(text)
+
+
+def tab_and_wait(page, minimum: int = 3) -> list[str]:
+    page.keyboard.press("Tab")
+    page.wait_for_function(
+        "([sel, n]) => document.querySelectorAll(sel).length >= n", arg=[OPTIONS, minimum], timeout=ANSWER_TIMEOUT
+    )
+    return page.eval_on_selector_all(OPTIONS, "els => els.map(e => e.textContent)")
+
+
+def focused_is_editor(page) -> bool:
+    return page.evaluate("document.activeElement === document.querySelector('#editor textarea')")
+
+
+def test_tab_shows_three_suggestions_in_a_listbox(page):
+    type_into_editor(page, "The best way to learn a new language is")
+    options = tab_and_wait(page)
+    assert len(options) >= 3
+    assert all(o.strip() for o in options)
+    assert page.is_visible(POPUP)
+    area = page.query_selector(TEXTAREA)
+    assert area.get_attribute("aria-expanded") == "true"
+    active = area.get_attribute("aria-activedescendant")
+    assert active and page.query_selector(f"#{active}").get_attribute("role") == "option"
+    assert focused_is_editor(page)
+    assert "\ufffd" not in "".join(options)
+    page.screenshot(path="/tmp/tabwrite-popup.png")  # for a person to look at
+
+
+def test_arrow_down_enter_inserts_at_caret_in_multiline_text(page):
+    before = "Dear Anna,\nThank you for the lovely dinner. The soup was"
+    after = "\nSee you soon,\nBen"
+    type_into_editor(page, before + after)
+    page.evaluate(f"(() => {{ const a = document.querySelector('{TEXTAREA}'); a.setSelectionRange({len(before)}, {len(before)}); }})()")
+    tab_and_wait(page)
+    chosen = page.eval_on_selector_all(OPTIONS, "els => els[1].querySelector('.tw-option-text').textContent")
+    # The raw suggestion (with its leading space, if any) is what gets inserted.
+    page.keyboard.press("ArrowDown")
+    assert page.get_attribute(TEXTAREA, "aria-activedescendant") == "tw-option-1"
+    page.keyboard.press("Enter")
+    value = page.input_value(TEXTAREA)
+    assert value.startswith(before) and value.endswith(after)
+    inserted = value[len(before) : len(value) - len(after)]
+    assert inserted.strip() == chosen.strip() and inserted.strip()
+    caret = page.evaluate(f"document.querySelector('{TEXTAREA}').selectionStart")
+    assert caret == len(before) + len(inserted)
+    assert page.is_hidden(POPUP)
+    assert focused_is_editor(page)
+    # Ctrl+Z undoes the insertion as one step.
+    page.keyboard.press("Control+z")
+    assert page.input_value(TEXTAREA) == before + after
+
+
+def test_click_inserts_and_escape_closes_without_change(page):
+    text = "My favourite season is autumn because"
+    type_into_editor(page, text)
+    tab_and_wait(page)
+    page.keyboard.press("Escape")
+    assert page.is_hidden(POPUP)
+    assert page.input_value(TEXTAREA) == text
+    assert focused_is_editor(page)
+    tab_and_wait(page)
+    first = page.eval_on_selector_all(OPTIONS, "els => els[0].querySelector('.tw-option-text').textContent")
+    page.click(f"{OPTIONS} >> nth=0")
+    value = page.input_value(TEXTAREA)
+    assert value.startswith(text) and value[len(text):].strip() == first.strip()
+    assert focused_is_editor(page)
+
+
+def test_tab_again_gives_more_and_longer(page):
+    type_into_editor(page, "Once upon a time, in a small village by the sea, there lived")
+    first = tab_and_wait(page)
+    page.keyboard.press("Tab")
+    page.wait_for_function(
+        "([sel, n]) => document.querySelectorAll(sel).length > n", arg=[OPTIONS, len(first)], timeout=ANSWER_TIMEOUT
+    )
+    page.wait_for_function("!document.querySelector('#editor .tw-popup-status').classList.contains('tw-busy')")
+    options = page.eval_on_selector_all(OPTIONS, "els => els.map(e => e.textContent)")
+    added = options[len(first):]
+    assert added and options[: len(first)] == first
+    assert sum(map(len, added)) > sum(map(len, first)), (first, added)
+    assert focused_is_editor(page)
+
+
+def test_typing_closes_popup_and_shift_tab_leaves(page):
+    type_into_editor(page, "Coffee or tea? I prefer")
+    tab_and_wait(page)
+    page.keyboard.type(" t")
+    assert page.is_hidden(POPUP)
+    assert page.input_value(TEXTAREA) == "Coffee or tea? I prefer t"
+    page.keyboard.press("Shift+Tab")
+    assert not focused_is_editor(page)
+    assert page.input_value(TEXTAREA) == "Coffee or tea? I prefer t"
+
+
+def test_chinese_suggestions(page):
+    type_into_editor(page, "今天天气很好，我们一起去")
+    options = tab_and_wait(page)
+    assert any(re.search(r"[\u4e00-\u9fff]", o) for o in options)
+    assert "\ufffd" not in "".join(options)
+
+
+def test_empty_text_gives_message_and_unknown_model_keeps_text(page):
+    page.click(TEXTAREA)
+    page.keyboard.press("Tab")
+    page.wait_for_selector("#editor .tw-popup-status.tw-error", timeout=ANSWER_TIMEOUT)
+    assert "Type a few words" in page.inner_text("#editor .tw-popup-status")
+    page.keyboard.press("Escape")
+    text = "Nothing here should be lost."
+    page.keyboard.insert_text(text)
+    model_box = page.locator("#model input")
+    model_box.fill("no-such-model-anywhere")
+    model_box.press("Enter")
+    page.wait_for_selector("#settings-status :text('Still using')", timeout=ANSWER_TIMEOUT)
+    assert "no-such-model-anywhere" in page.inner_text("#settings-status")
+    assert page.input_value(TEXTAREA) == text
+    # The editor still works on the previous model.
+    page.click(TEXTAREA)
+    assert len(tab_and_wait(page)) >= 3
+
+
+def test_page_talks_only_to_localhost(page):
+    type_into_editor(page, "A short test of")
+    tab_and_wait(page)
+    outside = [
+        u for u in page.requested_urls
+        if not u.startswith(("data:", "blob:")) and urlparse(u).hostname not in ("127.0.0.1", "localhost")
+    ]
+    assert outside == []

@@ -1,0 +1,123 @@
+"""The real embedded models, end to end: loading and caching, suggestions in English and Chinese, the API."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from models import loading
+from models.engine import SuggestionEngine
+from models.registry import DEFAULT_MODEL
+from models.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return SuggestionEngine(loading.load(DEFAULT_MODEL))
+
+
+def check_suggestions(result, n=3):
+    texts = result.texts
+    assert 1 <= len(texts) <= n
+    assert all(t.strip() for t in texts)
+    assert [len(t) for t in texts] == sorted(len(t) for t in texts)
+    joined = "".join(texts)
+    assert "\ufffd" not in joined
+    assert not re.search(r"<(start|end)_of_|<bos>|<eos>|<pad>", joined)
+    return texts
+
+
+def test_default_model_is_cached_on_disk_and_in_process(engine):
+    cached = [p for p in loading.cache_root().glob("gemma-3-270m*") if (p / "config.json").is_file()]
+    assert cached, "the converted model should be cached on disk"
+    started = time.perf_counter()
+    again = loading.load(DEFAULT_MODEL)
+    assert again is engine.loaded
+    assert time.perf_counter() - started < 1.0  # in-process cache, no reload
+
+
+def test_english_suggestions_continue_the_text(engine):
+    result = engine.suggest("The most important thing about writing well is", Settings(), seed=1)
+    texts = check_suggestions(result)
+    assert len(texts) == 3
+    # Continuations of a finished word start with a space: nothing glued onto "is".
+    assert all(t[0].isspace() or not t[0].isalnum() for t in texts)
+    # Increasing lengths: the longest is a sentence-ish run, the shortest a few words.
+    assert len(texts[-1].split()) > len(texts[0].split())
+
+
+def test_trailing_space_and_partial_word(engine):
+    texts = check_suggestions(engine.suggest("I went to the market and bought some ", Settings(), seed=2))
+    assert all(not t.startswith(" ") for t in texts)  # the writer's space is not doubled
+    texts = check_suggestions(engine.suggest("The quick brown fox jumps over the la", Settings(), seed=3))
+    assert all(t[0].isalpha() for t in texts)  # completes the word being typed
+
+
+def test_chinese_suggestions(engine):
+    result = engine.suggest("我最喜欢的季节是秋天，因为", Settings(), seed=4)
+    texts = check_suggestions(result)
+    assert sum(bool(CJK.search(t)) for t in texts) >= 2
+    assert all(not t.startswith(" ") for t in texts)
+
+
+def test_prefix_cache_makes_typing_cheap(engine):
+    text = "Writing every day is a habit that"
+    engine.suggest(text, Settings(), seed=5)
+    result = engine.suggest(text + " slowly changes", Settings(), seed=5)
+    assert 0 < result.new_prompt_tokens <= 4
+
+
+def test_document_longer_than_context(engine):
+    long_text = ("The river runs through the valley and the town. " * 2500)[:100_000]
+    settings = Settings()
+    result = engine.suggest(long_text, settings, seed=6)
+    assert result.truncated
+    assert result.prompt_tokens <= settings.context_tokens + 1
+    check_suggestions(result)
+    assert result.elapsed_s < settings.max_time * 1.5 + 5  # answered within (about) the budget
+
+
+def test_odd_unicode_and_control_characters(engine):
+    text = "Hello\x00 world \u202eolleh\u202c 👩‍💻 e\u0301 مرحبا 你好 \ud800 and then"
+    check_suggestions(engine.suggest(text, Settings(), seed=7))
+
+
+def test_second_embedded_model_through_the_same_option():
+    small = SuggestionEngine(loading.load("smollm2-135m"))
+    check_suggestions(small.suggest("The capital of France is", Settings(), seed=8))
+
+
+def test_api_endpoint_returns_suggestions_shortest_first(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    texts = client.predict("Good morning! Today I would like to", api_name="/suggest")
+    assert isinstance(texts, list) and len(texts) == 3
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+    assert [len(t) for t in texts] == sorted(len(t) for t in texts)
+    with pytest.raises(Exception, match="Type a few words"):
+        client.predict("   ", api_name="/suggest")
+    with pytest.raises(Exception, match="unknown model|not reachable"):
+        client.predict("Hi", model="no such model", api_name="/suggest")
+    assert "suggest" in client.view_api(print_info=False, return_format="dict")["named_endpoints"].__repr__()
+
+
+def test_app_exits_with_one_line_for_unknown_model():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.run(
+        [sys.executable, "app.py", "--model", "no-such-model-xyz", "--port", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tabwrite:")]
+    assert len(lines) == 1 and "no-such-model-xyz" in lines[0]
