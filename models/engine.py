@@ -53,6 +53,7 @@ class SuggestResult:
     new_prompt_tokens: int = 0  # tokens prefilled for this press (the rest came from the cache)
     elapsed_s: float = 0.0
     steps: int = 0
+    first_ready_s: float | None = None  # when the first suggestion was final (for streaming / benchmarks)
     timed_out: bool = False
     cancelled: bool = False
     truncated: bool = False  # the document was longer than the context window
@@ -290,6 +291,7 @@ class SuggestionEngine:
         return result
 
     def _generate(self, text, settings, wanted, deadline, is_cancelled, seed, on_update, result):
+        started = deadline - settings.max_time
         ids, result.truncated = self.prompt_ids(text, settings.context_tokens)
         result.prompt_tokens = len(ids)
         # Token healing: take the last token back when it is an ordinary piece.
@@ -341,6 +343,8 @@ class SuggestionEngine:
                 previous, texts[r] = texts[r], self._row_text(context, healed_text, rows[r])
                 finals[r] = self._finished(previous, texts[r], len(rows[r]), wanted[r])
             result.steps = step + 1
+            if result.first_ready_s is None and any(f is not None for f in finals):
+                result.first_ready_s = time.perf_counter() - started
             if on_update is not None:
                 on_update([f if f is not None else textcut.complete_prefix(t) for f, t in zip(finals, texts)])
             if all(f is not None for f in finals):

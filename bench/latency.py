@@ -1,0 +1,128 @@
+"""Tab-press latency of the suggestion engine against naive `generate`, side by side.
+
+    python -m bench.latency --json            # default model, prints one JSON object
+    python -m bench.latency --model smollm2-135m --runs 7
+
+Each run interleaves the compared ways of answering the same Tab press (same prompt,
+model and settings), so machine noise hits them alike:
+- engine, cold: the engine with its prefix cache emptied (Tab right after pasting text);
+- engine, repeat: the same Tab again (prefix already cached, as after a pause or Tab again);
+- naive: `model.generate(num_return_sequences=3, do_sample=True, ...)` on fp32 weights.
+Quality: bits per character of bench/data/heldout.txt under fp32 and under the engine's
+weights (bf16), to show the speed-ups do not cost model quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from models import loading
+from models.engine import SuggestionEngine
+from models.registry import DEFAULT_MODEL
+from models.settings import Settings
+
+HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@torch.inference_mode()
+def bits_per_char(model, tokenizer, text: str, window: int = 512) -> float:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window + 1][None, :]
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        nll += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+        count += chunk.shape[1] - 1
+    return nll / math.log(2) / len(text)
+
+
+def naive_generate(model, tokenizer, prompt: str, settings: Settings, max_new: int) -> float:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    started = time.perf_counter()
+    model.generate(
+        **inputs, do_sample=True, num_return_sequences=3, max_new_tokens=max_new,
+        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+    )
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    loaded = loading.load(args.model)
+    engine = SuggestionEngine(loaded)
+    fp32 = type(loaded.model).from_pretrained(loaded.model.name_or_path, dtype=torch.float32).eval()
+    text = HELDOUT.read_text(encoding="utf-8")
+    prompt = text[:900]  # about 200 tokens of English
+    # Fixed lengths so every press does the same work: 3 rows, the longest 32 tokens.
+    settings = Settings(lengths=[4, 12, 32], max_time=30.0)
+    prompt_tokens = len(engine.prompt_ids(prompt, settings.context_tokens)[0])
+
+    engine.suggest(prompt, settings, seed=0)  # warm-up
+    naive_generate(fp32, loaded.tokenizer, prompt, settings, 32)
+    cold, first, repeat, naive, per_step = [], [], [], [], []
+    for run in range(args.runs):
+        engine._prefix_ids, engine._prefix_cache = [], None  # Tab right after the text changed
+        result = engine.suggest(prompt, settings, seed=run)
+        cold.append(result.elapsed_s)
+        first.append(result.first_ready_s or result.elapsed_s)
+        per_step.append(result.elapsed_s / max(1, result.steps))
+        repeat.append(engine.suggest(prompt, settings, seed=run + 100).elapsed_s)
+        naive.append(naive_generate(fp32, loaded.tokenizer, prompt, settings, 32))
+
+    bpc_fp32 = bits_per_char(fp32, loaded.tokenizer, text)
+    bpc_engine = bits_per_char(loaded.model, loaded.tokenizer, text)
+    del fp32
+    out = {
+        "model": loaded.name,
+        "device": loaded.device.type,
+        "dtype": str(loaded.dtype).split(".")[-1],
+        "threads": torch.get_num_threads(),
+        "runs": args.runs,
+        "prompt_tokens": prompt_tokens,
+        "engine_p50_ms": round(1000 * statistics.median(cold)),
+        "engine_p90_ms": round(1000 * percentile(cold, 0.9)),
+        "first_suggestion_p50_ms": round(1000 * statistics.median(first)),
+        "repeat_tab_p50_ms": round(1000 * statistics.median(repeat)),
+        "naive_generate_p50_ms": round(1000 * statistics.median(naive)),
+        "speedup_vs_naive": round(statistics.median(naive) / statistics.median(cold), 2),
+        "ms_per_step": round(1000 * statistics.median(per_step), 1),
+        "rss_mb": round(rss_mb()),
+        "bits_per_char_fp32": round(bpc_fp32, 4),
+        "bits_per_char_engine": round(bpc_engine, 4),
+        "bits_per_char_change_pct": round(100 * (bpc_engine - bpc_fp32) / bpc_fp32, 2),
+    }
+    if not args.json:
+        print(f"# {loaded.name}: engine vs naive generate, {args.runs} interleaved runs", flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    main()
