@@ -141,14 +141,48 @@ function closePopup() {
   area.removeAttribute("aria-activedescendant");
 }
 
+// Suggestions of the current round shown so far (the rest of state.items are earlier rounds).
+function showRound(base, suggestions) {
+  const known = new Set(state.items.slice(0, base).map((item) => item.text));
+  const fresh = [];
+  for (const item of suggestions || []) {
+    if (!known.has(item.text)) { fresh.push(item); known.add(item.text); }
+  }
+  state.items = state.items.slice(0, base).concat(fresh);
+  if (state.active < 0 && state.items.length) state.active = 0;
+  if (state.active >= state.items.length) state.active = state.items.length - 1;
+  render();
+  placePopup();
+}
+
+// Streaming: while the request runs, poll for the rows already finished (the shortest
+// suggestion is usually ready long before the longest) and show them in place.
+function followProgress(seq, prompt, round, base) {
+  const poll = async () => {
+    if (seq !== state.seq || !state.pending) return;
+    try {
+      const progress = await server.suggestion_progress({});
+      if (seq !== state.seq || !state.pending) return;
+      if (progress && progress.text === prompt && progress.round === round && progress.suggestions.length) {
+        showRound(base, progress.suggestions);
+      }
+    } catch (e) { /* the final answer will tell */ }
+    setTimeout(poll, 120);
+  };
+  setTimeout(poll, 120);
+}
+
 async function requestSuggestions() {
   const snap = state.snapshot;
   const seq = ++state.seq;
+  const prompt = snap.text.slice(0, snap.start);
+  const base = state.items.length;
   state.pending = true;
   setPopupStatus(state.round ? "Asking for more and longer…" : "Thinking…", "busy");
+  followProgress(seq, prompt, state.round, base);
   let answer;
   try {
-    answer = await server.suggest_for_editor({ text: snap.text.slice(0, snap.start), round: state.round });
+    answer = await server.suggest_for_editor({ text: prompt, round: state.round });
   } catch (e) {
     answer = { error: "The server did not answer. Is tabwrite still running?" };
   }
@@ -160,15 +194,15 @@ async function requestSuggestions() {
     setStatus(message, true);
     return;
   }
-  const known = new Set(state.items.map((item) => item.text));
-  for (const item of answer.suggestions || []) {
-    if (!known.has(item.text)) { state.items.push(item); known.add(item.text); }
-  }
-  if (state.active < 0 && state.items.length) state.active = 0;
-  render();
-  placePopup();
+  showRound(base, answer.suggestions);
   setPopupStatus(answer.message || (state.items.length ? "" : "No suggestions."), answer.message && !state.items.length ? "error" : "");
-  setStatus(`${answer.model} · ${answer.elapsed_ms} ms${answer.truncated ? " · using the end of the document" : ""}`, false);
+  const rate = answer.tokens && answer.elapsed_ms && !answer.from_cache ? ` · ${Math.round((answer.tokens * 1000) / answer.elapsed_ms)} tokens/s` : "";
+  setStatus(
+    `${answer.model} (${answer.device}) · ${answer.elapsed_ms} ms${rate}` +
+    (answer.from_cache ? " · pre-computed while you paused" : "") +
+    (answer.truncated ? " · using the end of the document" : ""),
+    false,
+  );
 }
 
 function insert(index) {
@@ -223,9 +257,34 @@ area.addEventListener("keydown", (e) => {
     closePopup(); // the caret moves away from where the suggestions belong
   }
 });
+// Pre-computation: when the writer pauses, ask for the suggestions at the caret already,
+// so the Tab that often follows a pause is answered at once. Typing again cancels it.
+const PAUSE_MS = 600;
+let pauseTimer = null;
+let prefetching = false;
+let prefetchSeq = 0;
+function schedulePrefetch() {
+  clearTimeout(pauseTimer);
+  if (prefetching) {
+    prefetching = false;
+    server.cancel_suggestions({}).catch(() => {});
+  }
+  pauseTimer = setTimeout(() => {
+    if (state.open || document.activeElement !== area || area.selectionStart !== area.selectionEnd) return;
+    const prompt = area.value.slice(0, area.selectionStart);
+    if (!prompt.trim()) return;
+    const mine = ++prefetchSeq;
+    prefetching = true;
+    server.suggest_for_editor({ text: prompt, round: 0, prefetch: true })
+      .catch(() => {})
+      .finally(() => { if (mine === prefetchSeq) prefetching = false; });
+  }, PAUSE_MS);
+}
+
 area.addEventListener("input", () => {
   if (state.open) closePopup(); // typing dismisses (and cancels) the suggestions
   keepDraft();
+  schedulePrefetch();
 });
 area.addEventListener("mousedown", () => { if (state.open) closePopup(); });
 area.addEventListener("blur", () => { if (state.open) closePopup(); });

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import OrderedDict
 
 from models import loading
@@ -78,33 +79,75 @@ class SuggestService:
     def is_current(self, session_id: str, request_id: int) -> bool:
         return self._latest.get(session_id) == request_id
 
-    def suggest(
-        self, text: str, settings: Settings, model: str | None = None, round_: int = 0, session_id: str | None = None
-    ) -> tuple[SuggestionEngine, SuggestResult]:
+    def suggest(self, text: str, settings: Settings, model: str | None = None) -> tuple[SuggestionEngine, SuggestResult]:
+        """One stateless request (the API): no session, no cancellation."""
         engine = self.engine(model)
-        if session_id is None:
-            return engine, engine.suggest(text, settings, round_)
-        request_id = self.begin(session_id)
-        result = engine.suggest(text, settings, round_, is_cancelled=lambda: not self.is_current(session_id, request_id))
-        return engine, result
+        return engine, engine.suggest(text, settings)
 
-    def suggest_for_session(self, session_id: str, text: str, round_: int = 0) -> dict:
-        """The editor's Tab press. Never raises: errors come back as {"error": message}."""
+    def suggest_for_session(self, session_id: str, text: str, round_: int = 0, prefetch: bool = False) -> dict:
+        """The editor's Tab press (or, with ``prefetch``, the work done while the writer pauses).
+
+        Never raises: errors come back as {"error": message}. A Tab on exactly the text that
+        was pre-computed during a pause is answered from that result at once; a Tab while that
+        pre-computation is still running waits for it instead of starting over.
+        """
+        started = time.perf_counter()
         entry = self.session(session_id)
         settings, _ = validate(entry["settings"])
+        key = (entry["model"], text, repr(settings))
+        if prefetch and not settings.prefetch:
+            return {"skipped": True}
+        if round_ == 0 and not prefetch:
+            pending = entry.get("prefetching")
+            if pending is not None and pending[0] == key:
+                pending[1].wait(timeout=settings.max_time + 5)
+            hit = entry.pop("precomputed", None)
+            if hit is not None and hit[0] == key:
+                return dict(hit[1], from_cache=True, elapsed_ms=round((time.perf_counter() - started) * 1000))
+        done = threading.Event()
+        if prefetch:
+            entry["prefetching"] = (key, done)
+        entry["progress"] = {"text": text, "round": round_, "suggestions": []}
         try:
-            engine, result = self.suggest(text, settings, entry["model"], round_, session_id)
+            return self._run(session_id, entry, text, settings, round_, prefetch, key, started)
+        finally:
+            done.set()  # after the result is stored, so a waiting Tab finds it
+
+    def _run(self, session_id, entry, text, settings, round_, prefetch, key, started) -> dict:
+        def on_update(found):
+            entry["progress"] = {"text": text, "round": round_, "suggestions": _plain(found)}
+
+        try:
+            engine = self.engine(entry["model"])
+            request_id = self.begin(session_id)
+            result = engine.suggest(
+                text, settings, round_, is_cancelled=lambda: not self.is_current(session_id, request_id), on_update=on_update
+            )
         except (ModelNotFound, loading.ModelLoadError, EngineError) as e:
             return {"error": str(e)}
         except Exception as e:  # never a traceback in the page, and the text is untouched
             return {"error": f"The model failed: {type(e).__name__}: {str(e)[:200]}"}
-        return {
-            "suggestions": [{"text": s.text, "logprob": round(s.mean_logprob, 3)} for s in result.suggestions],
+        payload = {
+            "suggestions": _plain(result.suggestions),
             "message": result.message,
             "model": engine.name,
-            "elapsed_ms": round(result.elapsed_s * 1000),
+            "device": engine.device.type,
+            "elapsed_ms": round((time.perf_counter() - started) * 1000),
+            "tokens": sum(s.tokens for s in result.suggestions),
             "truncated": result.truncated,
             "timed_out": result.timed_out,
             "cancelled": result.cancelled,
             "round": round_,
+            "from_cache": False,
         }
+        if prefetch and not result.cancelled and result.suggestions:
+            entry["precomputed"] = (key, payload)
+        return payload
+
+    def progress(self, session_id: str) -> dict:
+        """Suggestions finished so far by the session's request in flight (the editor polls this)."""
+        return self.session(session_id).get("progress") or {}
+
+
+def _plain(found) -> list[dict]:
+    return [{"text": s.text, "logprob": round(s.mean_logprob, 3)} for s in found]

@@ -49,14 +49,22 @@ def build_demo(service: SuggestService) -> gr.Blocks:
             round_ = max(0, min(int(payload.get("round", 0)), 8))
         except (TypeError, ValueError):
             round_ = 0
-        return service.suggest_for_session(_session_of(request), str(payload.get("text", "")), round_)
+        return service.suggest_for_session(
+            _session_of(request), str(payload.get("text", "")), round_, prefetch=bool(payload.get("prefetch"))
+        )
+
+    def suggestion_progress(args, request: gr.Request) -> dict:
+        return service.progress(_session_of(request))
 
     def cancel_suggestions(args, request: gr.Request) -> bool:
         service.cancel(_session_of(request))
         return True
 
-    def apply_settings(model, temperature, top_k, top_p, lengths, max_time, context_tokens, request: gr.Request):
+    def apply_settings(
+        model, temperature, top_k, top_p, lengths, max_time, context_tokens, prefetch, request: gr.Request
+    ):
         raw = {
+            "prefetch": prefetch,
             "temperature": temperature,
             "top_k": top_k,
             "top_p": top_p,
@@ -108,7 +116,7 @@ def build_demo(service: SuggestService) -> gr.Blocks:
                     html_template=_read("editor.html"),
                     css_template=_read("editor.css"),
                     js_on_load=_read("editor.js"),
-                    server_functions=[suggest_for_editor, cancel_suggestions],
+                    server_functions=[suggest_for_editor, suggestion_progress, cancel_suggestions],
                     elem_id="editor",
                     apply_default_css=False,
                 )
@@ -134,8 +142,13 @@ def build_demo(service: SuggestService) -> gr.Blocks:
                     context_tokens = gr.Slider(
                         *LIMITS["context_tokens"], value=DEFAULTS.context_tokens, step=16, label="Context (last N tokens)"
                     )
+                    prefetch = gr.Checkbox(
+                        value=DEFAULTS.prefetch,
+                        label="Pre-compute while I pause",
+                        info="Tab after a pause answers at once; uses the CPU while you think.",
+                    )
                 status = gr.Markdown(elem_id="settings-status")
-        inputs = [model, temperature, top_k, top_p, lengths, max_time, context_tokens]
+        inputs = [model, temperature, top_k, top_p, lengths, max_time, context_tokens, prefetch]
         for component in inputs:
             # Gradio shows its own progress on `status` while a new model loads.
             component.change(apply_settings, inputs, status, api_visibility="private", show_progress="minimal")

@@ -265,7 +265,7 @@ class SuggestionEngine:
         round_: int = 0,
         is_cancelled: Callable[[], bool] = lambda: False,
         seed: int | None = None,
-        on_update: Callable[[list[str]], None] | None = None,
+        on_update: Callable[[list[Suggestion]], None] | None = None,
     ) -> SuggestResult:
         started = time.perf_counter()
         result = SuggestResult()
@@ -332,21 +332,23 @@ class SuggestionEngine:
             tokens, logprobs = sample(logits, settings.temperature, settings.top_k, settings.top_p, generator)
             is_stop = torch.isin(tokens, self.stop_ids).tolist()
             token_list, logprob_list = tokens.tolist(), logprobs.tolist()
+            finished_now = False
             for r in range(n):
                 if finals[r] is not None:
                     continue
                 if is_stop[r]:
-                    finals[r] = texts[r]
+                    finals[r], finished_now = texts[r], True
                     continue
                 rows[r].append(token_list[r])
                 logp[r] += logprob_list[r]
                 previous, texts[r] = texts[r], self._row_text(context, healed_text, rows[r])
                 finals[r] = self._finished(previous, texts[r], len(rows[r]), wanted[r])
+                finished_now = finished_now or finals[r] is not None
             result.steps = step + 1
             if result.first_ready_s is None and any(f is not None for f in finals):
                 result.first_ready_s = time.perf_counter() - started
-            if on_update is not None:
-                on_update([f if f is not None else textcut.complete_prefix(t) for f, t in zip(finals, texts)])
+            if on_update is not None and finished_now:
+                on_update(self._collect(finals, rows, logp))  # for streaming: rows done so far
             if all(f is not None for f in finals):
                 break
             if is_cancelled():
@@ -360,15 +362,19 @@ class SuggestionEngine:
         for r in range(n):
             if finals[r] is None:
                 finals[r] = textcut.complete_prefix(texts[r]) or texts[r]
-        found = [
-            Suggestion(f, len(rows[r]), logp[r] / max(1, len(rows[r])))
-            for r, f in enumerate(finals)
-            if f and f.strip()
-        ]
-        found.sort(key=lambda s: len(s.text))
-        result.suggestions = found
+        result.suggestions = self._collect(finals, rows, logp)
         if result.timed_out:
             result.message = f"Stopped at the {settings.max_time:g} s time limit."
+
+    @staticmethod
+    def _collect(finals, rows, logp) -> list[Suggestion]:
+        """The finished, non-empty rows as suggestions, shortest first."""
+        found = [
+            Suggestion(f.rstrip(" \t"), len(rows[r]), logp[r] / max(1, len(rows[r])))  # no trailing blanks
+            for r, f in enumerate(finals)
+            if f is not None and f.strip()
+        ]
+        return sorted(found, key=lambda s: len(s.text))
 
     @staticmethod
     def _finished(previous: str, text: str, count: int, target: int) -> str | None:

@@ -33,6 +33,7 @@ class Settings:
     max_time: float = 4.0  # seconds per Tab press; what is ready by then is returned
     context_tokens: int = 384  # the document is cut to its last N tokens
     num_suggestions: int = 3
+    prefetch: bool = True  # pre-compute suggestions while the writer pauses (costs CPU when idle)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +72,8 @@ def validate(raw: dict | None) -> tuple[Settings, list[str]]:
         if clamped != value:
             notes.append(f"{key}: {value:g} is out of range [{low:g}, {high:g}], using {clamped:g}")
         setattr(settings, key, kind(round(clamped)) if kind is int else clamped)
+    if "prefetch" in raw and raw["prefetch"] is not None:
+        settings.prefetch = bool(raw["prefetch"])
     if raw.get("lengths") not in (None, "", []):
         try:
             lengths = parse_lengths(raw["lengths"])

@@ -143,3 +143,32 @@ def test_page_talks_only_to_localhost(page):
         if not u.startswith(("data:", "blob:")) and urlparse(u).hostname not in ("127.0.0.1", "localhost")
     ]
     assert outside == []
+
+
+def test_tab_after_pause_uses_precomputed_suggestions(page):
+    type_into_editor(page, "The museum was quiet that morning, and")
+    page.wait_for_timeout(1200)  # a pause: the editor asks for suggestions in the background
+    options = tab_and_wait(page)
+    assert len(options) >= 3
+    page.wait_for_function("document.querySelector('#editor .tw-status').textContent.includes('ms')")
+    assert "pre-computed" in page.inner_text("#editor .tw-status")
+
+
+def test_suggestions_stream_in_shortest_first(page):
+    # A long longest suggestion and a generous time budget: the shortest shows up first.
+    box = page.get_by_label("Suggestion lengths (tokens)")
+    box.fill("2, 60, 120")
+    box.press("Enter")
+    page.get_by_label("Pre-compute while I pause").uncheck()
+    page.wait_for_timeout(1500)
+    page.click(TEXTAREA)
+    page.keyboard.insert_text("Once there was a lighthouse keeper who")
+    page.keyboard.press("Tab")
+    page.wait_for_function("document.querySelectorAll('#editor [role=option]').length >= 1", timeout=ANSWER_TIMEOUT)
+    early = page.evaluate(
+        "[document.querySelectorAll('#editor [role=option]').length,"
+        " document.querySelector('#editor .tw-popup-status').classList.contains('tw-busy')]"
+    )
+    assert early[0] < 3 and early[1], early  # the shortest is shown while the longer ones are still coming
+    page.wait_for_function("!document.querySelector('#editor .tw-popup-status').classList.contains('tw-busy')", timeout=ANSWER_TIMEOUT)
+    assert page.eval_on_selector_all(OPTIONS, "els => els.length") >= 2

@@ -247,15 +247,16 @@ def test_suggestions_never_hold_broken_utf8(engine):
     # (continuation bytes, truncated characters) often: none may reach the writer.
     settings = Settings(temperature=2.0, top_k=1000, top_p=1.0, lengths=[3, 8, 16])
     seen = 0
-    updates: list[list[str]] = []
+    updates: list[list] = []
     for seed in range(25):
         result = engine.suggest("我们今天去", settings, seed=seed, on_update=updates.append)
         for s in result.suggestions:
             seen += 1
             assert textcut.REPLACEMENT_CHAR not in s.text, (seed, s.text)
     assert seen > 25
-    assert updates and all(len(u) == 3 for u in updates)
-    assert not any(textcut.REPLACEMENT_CHAR in t for u in updates for t in u)
+    # Streaming updates carry the rows finished so far: never more than asked, never broken text.
+    assert updates and all(len(u) <= 3 for u in updates)
+    assert not any(textcut.REPLACEMENT_CHAR in s.text for u in updates for s in u)
 
 
 def test_empty_or_whitespace_text_gives_message_only(engine):

@@ -1,0 +1,68 @@
+"""The editor's service on the real default model: pre-computation, streaming progress, cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from editor.service import SuggestService
+from models.registry import DEFAULT_MODEL
+
+
+@pytest.fixture(scope="module")
+def service():
+    return SuggestService(DEFAULT_MODEL)
+
+
+def test_tab_after_a_pause_is_answered_from_the_precomputed_result(service):
+    text = "After a long day at work, the first thing I do at home is"
+    pre = service.suggest_for_session("writer-a", text, prefetch=True)
+    assert len(pre["suggestions"]) >= 1 and not pre["from_cache"]
+    tab = service.suggest_for_session("writer-a", text)
+    assert tab["from_cache"] is True
+    assert tab["suggestions"] == pre["suggestions"]
+    # It is used once: the next Tab on the same text samples afresh.
+    assert service.suggest_for_session("writer-a", text)["from_cache"] is False
+    # Another writer, or another text, does not see it.
+    service.suggest_for_session("writer-a", text, prefetch=True)
+    assert service.suggest_for_session("writer-b", text)["from_cache"] is False
+    assert service.suggest_for_session("writer-a", text + " usually")["from_cache"] is False
+
+
+def test_tab_during_precomputation_waits_for_it(service):
+    text = "The train was late again, so we decided to"
+    worker = threading.Thread(target=service.suggest_for_session, args=("writer-c", text), kwargs={"prefetch": True})
+    worker.start()
+    time.sleep(0.2)  # the pre-computation is under way
+    tab = service.suggest_for_session("writer-c", text)
+    worker.join()
+    assert tab["from_cache"] is True and tab["suggestions"]
+
+
+def test_prefetch_can_be_switched_off(service):
+    service.update_settings("writer-d", DEFAULT_MODEL, {"prefetch": False})
+    assert service.suggest_for_session("writer-d", "Some text to", prefetch=True) == {"skipped": True}
+
+
+def test_progress_streams_finished_rows_and_cancel_stops(service):
+    text = "In the summer of that year, the whole family moved to a small town on the coast where"
+    seen: list[int] = []
+    service.update_settings("writer-e", DEFAULT_MODEL, {"lengths": "2, 40, 80", "max_time": 20})
+    answer: dict = {}
+    worker = threading.Thread(target=lambda: answer.update(service.suggest_for_session("writer-e", text)))
+    worker.start()
+    deadline = time.time() + 30
+    while worker.is_alive() and time.time() < deadline:
+        progress = service.progress("writer-e")
+        if progress.get("text") == text and progress["suggestions"]:
+            seen.append(len(progress["suggestions"]))
+            break
+        time.sleep(0.02)
+    # The shortest row was visible before the press finished; now cancel the rest.
+    service.cancel("writer-e")
+    worker.join()
+    assert seen and seen[0] < 3
+    assert answer["cancelled"] is True
+    assert all(s["text"] == s["text"].rstrip() for s in answer["suggestions"])
