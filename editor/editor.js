@@ -290,3 +290,117 @@ area.addEventListener("mousedown", () => { if (state.open) closePopup(); });
 area.addEventListener("blur", () => { if (state.open) closePopup(); });
 window.addEventListener("resize", () => { if (state.open) placePopup(); });
 area.addEventListener("scroll", () => { if (state.open) placePopup(); });
+
+// ---- perplexity view: the document scored by the model, each token coloured by its rank
+const scoreButton = element.querySelector(".tw-score-button");
+const scoreSummary = element.querySelector(".tw-score-summary");
+const scoreView = element.querySelector(".tw-score-view");
+const scoreTip = element.querySelector(".tw-score-tip");
+const scored = { text: null, offset: 0, tokens: [] };
+
+function rankClass(rank) {
+  if (rank === null || rank === undefined) return "";
+  return rank <= 10 ? "tw-r10" : rank <= 100 ? "tw-r100" : rank <= 1000 ? "tw-r1000" : "tw-rmore";
+}
+function percent(p) { return p === null || p === undefined ? "–" : `${(p * 100).toFixed(p < 0.01 ? 2 : 1)}%`; }
+
+async function scoreDocument() {
+  const text = area.value;
+  scoreTip.hidden = true;
+  scoreButton.disabled = true;
+  scoreSummary.textContent = "Scoring…";
+  let polling = true;
+  const poll = async () => {
+    if (!polling) return;
+    try {
+      const progress = await server.suggestion_progress({});
+      if (polling && progress && progress.score_progress !== null && progress.score_progress !== undefined) {
+        scoreSummary.textContent = `Scoring… ${Math.round(progress.score_progress * 100)}%`;
+      }
+    } catch (e) { /* the answer will tell */ }
+    if (polling) setTimeout(poll, 250);
+  };
+  setTimeout(poll, 250);
+  let answer;
+  try {
+    answer = await server.score_for_editor({ text });
+  } catch (e) {
+    answer = { error: "The server did not answer." };
+  }
+  polling = false;
+  scoreButton.disabled = false;
+  if (!answer || answer.error) {
+    scoreSummary.textContent = (answer && answer.error) || "Scoring failed.";
+    scoreView.hidden = true;
+    return;
+  }
+  Object.assign(scored, { text, offset: answer.text_offset || 0, tokens: answer.tokens });
+  scoreSummary.textContent =
+    `perplexity ${answer.perplexity.toFixed(1)} · ${answer.bits_per_char.toFixed(3)} bits/char · ${answer.token_count} tokens` +
+    (answer.truncated ? " (the end of the document)" : "") + ` · ${answer.model}`;
+  // Token text is model-facing document text: set with textContent, never parsed as HTML.
+  const nodes = answer.tokens.map((token, i) => {
+    const span = document.createElement("span");
+    span.className = `tw-tok ${rankClass(token.rank)}`;
+    span.textContent = token.text;
+    span.dataset.index = String(i);
+    return span;
+  });
+  scoreView.replaceChildren(...nodes);
+  scoreView.hidden = false;
+}
+
+function showTip(span) {
+  const token = scored.tokens[Number(span.dataset.index)];
+  if (!token) return;
+  const head = document.createElement("div");
+  const shown = JSON.stringify(token.text);
+  head.textContent = token.rank ? `${shown}: p = ${percent(token.prob)} · rank ${token.rank}` : `${shown}: first token (no context)`;
+  const items = (token.alternatives || []).map((alt) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    const label = document.createElement("span");
+    label.textContent = JSON.stringify(alt.text).slice(1, -1); // shows spaces and newlines
+    const prob = document.createElement("span");
+    prob.textContent = percent(alt.prob);
+    button.append(label, prob);
+    button.addEventListener("click", () => replaceToken(token, alt.text));
+    return button;
+  });
+  scoreTip.replaceChildren(head, ...items);
+  const box = span.getBoundingClientRect();
+  const parent = scoreTip.parentElement.getBoundingClientRect();
+  scoreTip.style.left = `${Math.max(0, box.left - parent.left)}px`;
+  scoreTip.style.top = `${box.bottom - parent.top + 4}px`;
+  scoreTip.hidden = false;
+}
+
+function replaceToken(token, replacement) {
+  const start = scored.offset + token.start;
+  const end = scored.offset + token.end;
+  if (area.value !== scored.text || area.value.slice(start, end) !== token.text) {
+    scoreSummary.textContent = "The text changed since it was scored: score it again.";
+    return;
+  }
+  area.focus();
+  area.setSelectionRange(start, end);
+  const done = document.execCommand && document.execCommand("insertText", false, replacement);
+  if (!done) area.setRangeText(replacement, start, end, "end");
+  keepDraft();
+  scoreTip.hidden = true;
+  scoreDocument();
+}
+
+scoreButton.addEventListener("click", scoreDocument);
+scoreView.addEventListener("click", (e) => {
+  const span = e.target.closest(".tw-tok");
+  if (span) showTip(span);
+});
+scoreView.addEventListener("mouseover", (e) => {
+  const span = e.target.closest(".tw-tok");
+  if (span) showTip(span);
+});
+scoreView.addEventListener("scroll", () => { scoreTip.hidden = true; });
+document.addEventListener("mousedown", (e) => {
+  if (!scoreTip.hidden && !scoreTip.contains(e.target) && !scoreView.contains(e.target)) scoreTip.hidden = true;
+});

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from models import loading
+from models import loading, scoring
 from models.engine import EngineError, SuggestionEngine, SuggestResult
 from models.registry import ModelNotFound
 from models.settings import Settings, validate
@@ -144,9 +144,25 @@ class SuggestService:
             entry["precomputed"] = (key, payload)
         return payload
 
+    def score_for_session(self, session_id: str, text: str) -> dict:
+        """The perplexity view's request. Never raises."""
+        entry = self.session(session_id)
+
+        def on_progress(fraction: float) -> None:
+            entry["score_progress"] = fraction
+
+        entry["score_progress"] = 0.0
+        try:
+            return scoring.score(self.engine(entry["model"]), text, on_progress=on_progress)
+        except (ModelNotFound, loading.ModelLoadError) as e:
+            return {"error": str(e)}
+        except Exception as e:
+            return {"error": f"Scoring failed: {type(e).__name__}: {str(e)[:200]}"}
+
     def progress(self, session_id: str) -> dict:
         """Suggestions finished so far by the session's request in flight (the editor polls this)."""
-        return self.session(session_id).get("progress") or {}
+        entry = self.session(session_id)
+        return dict(entry.get("progress") or {}, score_progress=entry.get("score_progress"))
 
 
 def _plain(found) -> list[dict]:

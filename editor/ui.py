@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from editor.service import SuggestService
-from models import loading
+from models import loading, scoring
 from models.registry import EMBEDDED, ModelNotFound
 from models.settings import LIMITS, Settings, validate
 
@@ -55,6 +55,19 @@ def build_demo(service: SuggestService) -> gr.Blocks:
 
     def suggestion_progress(args, request: gr.Request) -> dict:
         return service.progress(_session_of(request))
+
+    def score_for_editor(args, request: gr.Request) -> dict:
+        return service.score_for_session(_session_of(request), str(_one_dict(args).get("text", "")))
+
+    def score(text: str, model: str = "") -> dict:
+        """Perplexity, bits per character and each token's probability, rank and top alternatives."""
+        try:
+            result = scoring.score(service.engine(model or None), text or "")
+        except (ModelNotFound, loading.ModelLoadError) as e:
+            raise gr.Error(str(e)) from None
+        if "error" in result:
+            raise gr.Error(result["error"])
+        return result
 
     def cancel_suggestions(args, request: gr.Request) -> bool:
         service.cancel(_session_of(request))
@@ -116,7 +129,7 @@ def build_demo(service: SuggestService) -> gr.Blocks:
                     html_template=_read("editor.html"),
                     css_template=_read("editor.css"),
                     js_on_load=_read("editor.js"),
-                    server_functions=[suggest_for_editor, suggestion_progress, cancel_suggestions],
+                    server_functions=[suggest_for_editor, suggestion_progress, cancel_suggestions, score_for_editor],
                     elem_id="editor",
                     apply_default_css=False,
                 )
@@ -154,4 +167,5 @@ def build_demo(service: SuggestService) -> gr.Blocks:
             component.change(apply_settings, inputs, status, api_visibility="private", show_progress="minimal")
         demo.load(apply_settings, inputs, status, api_visibility="private")
         gr.api(suggest, api_name="suggest")
+        gr.api(score, api_name="score")
     return demo

@@ -16,11 +16,19 @@ def type_into_editor(page, text: str) -> None:
     page.keyboard.insert_text(text)
 
 
+def wait_until_done(page) -> None:
+    page.wait_for_function(
+        "!document.querySelector('#editor .tw-popup-status').classList.contains('tw-busy')", timeout=ANSWER_TIMEOUT
+    )
+
+
 def tab_and_wait(page, minimum: int = 3) -> list[str]:
+    """Press Tab and wait for the whole answer (suggestions stream in, then settle in order)."""
     page.keyboard.press("Tab")
     page.wait_for_function(
         "([sel, n]) => document.querySelectorAll(sel).length >= n", arg=[OPTIONS, minimum], timeout=ANSWER_TIMEOUT
     )
+    wait_until_done(page)
     return page.eval_on_selector_all(OPTIONS, "els => els.map(e => e.textContent)")
 
 
@@ -90,7 +98,7 @@ def test_tab_again_gives_more_and_longer(page):
     page.wait_for_function(
         "([sel, n]) => document.querySelectorAll(sel).length > n", arg=[OPTIONS, len(first)], timeout=ANSWER_TIMEOUT
     )
-    page.wait_for_function("!document.querySelector('#editor .tw-popup-status').classList.contains('tw-busy')")
+    wait_until_done(page)
     options = page.eval_on_selector_all(OPTIONS, "els => els.map(e => e.textContent)")
     added = options[len(first):]
     assert added and options[: len(first)] == first
@@ -170,5 +178,33 @@ def test_suggestions_stream_in_shortest_first(page):
         " document.querySelector('#editor .tw-popup-status').classList.contains('tw-busy')]"
     )
     assert early[0] < 3 and early[1], early  # the shortest is shown while the longer ones are still coming
-    page.wait_for_function("!document.querySelector('#editor .tw-popup-status').classList.contains('tw-busy')", timeout=ANSWER_TIMEOUT)
+    wait_until_done(page)
     assert page.eval_on_selector_all(OPTIONS, "els => els.length") >= 2
+
+
+def test_perplexity_view_colours_tokens_and_replaces_one(page):
+    text = "The quick brown fox jumps over the lazy dog. <img src=x onerror=alert(1)>"
+    type_into_editor(page, text)
+    page.click("#editor .tw-score-button")
+    page.wait_for_selector("#editor .tw-score-view .tw-tok", timeout=ANSWER_TIMEOUT)
+    summary = page.inner_text("#editor .tw-score-summary")
+    assert "perplexity" in summary and "bits/char" in summary
+    shown = page.eval_on_selector_all("#editor .tw-tok", "els => els.map(e => e.textContent).join('')")
+    assert shown == text
+    # HTML in the document is shown as text, never turned into elements.
+    assert page.query_selector("#editor .tw-score-view img") is None
+    classes = page.eval_on_selector_all("#editor .tw-tok", "els => els.map(e => e.className)")
+    assert any("tw-r10" in c for c in classes)
+    # Hover a token: its probability and alternatives; click one to replace the token.
+    page.hover("#editor .tw-tok >> nth=2")
+    page.wait_for_selector("#editor .tw-score-tip button", timeout=5000)
+    assert "rank" in page.inner_text("#editor .tw-score-tip")
+    old = page.eval_on_selector("#editor .tw-tok >> nth=2", "e => e.textContent")
+    alternative = page.eval_on_selector("#editor .tw-score-tip button >> nth=0", "e => e.firstChild.textContent")
+    page.click("#editor .tw-score-tip button >> nth=0")
+    value = page.input_value(TEXTAREA)
+    assert value != text or alternative == old
+    assert value.startswith("The quick") and value.endswith("lazy dog. <img src=x onerror=alert(1)>")
+    page.wait_for_function(
+        "document.querySelector('#editor .tw-score-summary').textContent.includes('perplexity')", timeout=ANSWER_TIMEOUT
+    )

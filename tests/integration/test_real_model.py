@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -121,3 +122,21 @@ def test_app_exits_with_one_line_for_unknown_model():
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("tabwrite:")]
     assert len(lines) == 1 and "no-such-model-xyz" in lines[0]
+
+
+def test_score_endpoint(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    text = "The quick brown fox jumps over the lazy dog. 今天天气很好。"
+    result = client.predict(text, api_name="/score")
+    assert result["perplexity"] > 1 and 0 < result["bits_per_char"] < 10
+    tokens = result["tokens"]
+    assert "".join(t["text"] for t in tokens) == text
+    assert all(0 < t["prob"] <= 1 and t["rank"] >= 1 and t["alternatives"] for t in tokens)
+    # A well-known phrase: the model ranks most of its words first.
+    fox = [t for t in tokens if t["text"] in (" jumps", " over", " lazy", " dog")]
+    assert fox and sum(t["rank"] == 1 for t in fox) >= 2
+    assert math.exp(-sum(math.log(t["prob"]) for t in tokens) / len(tokens)) == pytest.approx(result["perplexity"], rel=1e-3)
+    with pytest.raises(Exception, match="empty"):
+        client.predict("", api_name="/score")
