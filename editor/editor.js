@@ -9,6 +9,9 @@ const optionsBox = popup.querySelector(".tw-options");
 const popupStatus = popup.querySelector(".tw-popup-status");
 const statusLine = element.querySelector(".tw-status");
 const DRAFT_KEY = "tabwrite:draft";
+const MARKS_KEY = "tabwrite:draft-marks";
+const CURRENT_KEY = "tabwrite:current"; // {id, owner_key} of the document being edited
+const DOCS_KEY = "tabwrite:docs"; // [{id, owner_key}] saved from this browser ("my documents")
 
 const state = {
   open: false,     // popup shown
@@ -20,18 +23,103 @@ const state = {
   snapshot: null,  // {text, start, end} when the popup opened; insertion goes there
 };
 
+function readStore(key, fallback) {
+  try {
+    const raw = window.localStorage.getItem(key);
+    return raw === null ? fallback : JSON.parse(raw);
+  } catch (e) { return fallback; } // storage disabled or garbled: the editor still works
+}
+function writeStore(key, value) {
+  try { window.localStorage.setItem(key, JSON.stringify(value)); } catch (e) { /* full or disabled */ }
+}
+
+// ---- marks: character ranges [start, end) inserted from a suggestion (machine-written text)
+const backdrop = element.querySelector(".tw-backdrop");
+let marks = [];
+let pendingMark = null; // set just before our own insertion; applied by the input handler
+let lastValue = "";
+let readOnly = false;
+
+function mergeMarks(list) {
+  const sorted = list.filter(([a, b]) => b > a).sort((x, y) => x[0] - y[0]);
+  const out = [];
+  for (const [a, b] of sorted) {
+    if (out.length && a <= out[out.length - 1][1]) out[out.length - 1][1] = Math.max(out[out.length - 1][1], b);
+    else out.push([a, b]);
+  }
+  return out;
+}
+
+// Move the marks along with an edit; text the writer changes inside a mark becomes their own.
+function shiftMarks(oldValue, newValue) {
+  if (oldValue === newValue) return;
+  const max = Math.min(oldValue.length, newValue.length);
+  let p = 0;
+  while (p < max && oldValue[p] === newValue[p]) p++;
+  let s = 0;
+  while (s < max - p && oldValue[oldValue.length - 1 - s] === newValue[newValue.length - 1 - s]) s++;
+  const oldEnd = oldValue.length - s;
+  const newEnd = newValue.length - s;
+  const delta = newEnd - oldEnd;
+  const out = [];
+  for (const [a, b] of marks) {
+    if (b <= p) out.push([a, b]);
+    else if (a >= oldEnd) out.push([a + delta, b + delta]);
+    else {
+      if (a < p) out.push([a, p]);
+      if (b > oldEnd) out.push([newEnd, b + delta]);
+    }
+  }
+  marks = mergeMarks(out);
+}
+
+function syncBackdrop() {
+  const style = getComputedStyle(area);
+  for (const prop of MIRRORED) backdrop.style[prop] = style[prop];
+  const scrollbar = area.offsetWidth - area.clientWidth - parseFloat(style.borderLeftWidth) - parseFloat(style.borderRightWidth);
+  Object.assign(backdrop.style, {
+    width: `${area.offsetWidth}px`, height: `${area.offsetHeight}px`, borderColor: "transparent",
+    paddingRight: `${parseFloat(style.paddingRight) + Math.max(0, scrollbar)}px`,
+  });
+  backdrop.scrollTop = area.scrollTop;
+}
+
+function renderMarks() {
+  // Built from text nodes: document text is never parsed as HTML.
+  const text = area.value;
+  const nodes = [];
+  let at = 0;
+  for (const [a, b] of marks) {
+    if (a > at) nodes.push(document.createTextNode(text.slice(at, a)));
+    const mark = document.createElement("mark");
+    mark.className = "tw-machine";
+    mark.textContent = text.slice(a, b);
+    nodes.push(mark);
+    at = b;
+  }
+  nodes.push(document.createTextNode(text.slice(at) + "\n"));
+  backdrop.replaceChildren(...nodes);
+  syncBackdrop();
+}
+
 // ---- draft kept across page reloads (nothing leaves the browser for this)
-try {
-  const saved = window.localStorage.getItem(DRAFT_KEY);
-  if (saved && !area.value) area.value = saved;
-} catch (e) { /* storage disabled: the editor still works */ }
 let draftTimer = null;
 function keepDraft() {
+  if (readOnly) return; // a shared document being read is not this browser's draft
   clearTimeout(draftTimer);
   draftTimer = setTimeout(() => {
     try { window.localStorage.setItem(DRAFT_KEY, area.value); } catch (e) { /* full or disabled */ }
+    writeStore(MARKS_KEY, marks);
   }, 250);
 }
+try {
+  const saved = window.localStorage.getItem(DRAFT_KEY);
+  if (saved && !area.value) {
+    area.value = saved;
+    marks = mergeMarks(readStore(MARKS_KEY, []).filter((m) => Array.isArray(m) && m[1] <= saved.length));
+  }
+} catch (e) { /* storage disabled: the editor still works */ }
+lastValue = area.value;
 
 function snapshotNow() {
   return { text: area.value, start: area.selectionStart, end: area.selectionEnd };
@@ -215,17 +303,66 @@ function insert(index) {
   // Avoid a double space when the writer already typed one.
   if (/\s$/.test(snap.text.slice(0, snap.start)) && /^[ \t]/.test(text)) text = text.replace(/^[ \t]+/, "");
   closePopup();
+  insertAt(snap.start, snap.end, text, true);
+}
+
+// Replace [start, end) with text as one undoable edit; machine text gets marked.
+function insertAt(start, end, text, machine) {
+  area.focus();
+  area.setSelectionRange(start, end);
+  pendingMark = machine ? [start, start + text.length] : null;
   // execCommand keeps the browser's own undo stack (Ctrl+Z undoes the insertion as one step).
   const done = document.execCommand && document.execCommand("insertText", false, text);
   if (!done) {
-    area.setRangeText(text, snap.start, snap.end, "end");
+    area.setRangeText(text, start, end, "end");
     area.dispatchEvent(new Event("input", { bubbles: true }));
   }
-  keepDraft();
 }
+
+// Accept the first word (or CJK character) of the highlighted suggestion; keep the rest offered.
+const FIRST_CHUNK = /^\s*(?:[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff][\u3000-\u303f\uff00-\uffef]*|[^\s\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]+)/;
+function acceptChunk() {
+  const item = state.items[state.active];
+  const snap = state.snapshot;
+  if (!item || !snap) return;
+  let text = item.text;
+  if (/\s$/.test(snap.text.slice(0, snap.start)) && /^[ \t]/.test(text)) text = text.replace(/^[ \t]+/, "");
+  const match = text.match(FIRST_CHUNK);
+  const chunk = match ? match[0] : text;
+  const rest = text.slice(chunk.length);
+  accepting = true;
+  insertAt(snap.start, snap.end, chunk, true);
+  accepting = false;
+  if (!rest.trim()) { closePopup(); return; }
+  // The other suggestions that agree with what was accepted stay offered too.
+  const remaining = [];
+  for (const other of state.items) {
+    let t = other.text;
+    if (/\s$/.test(snap.text.slice(0, snap.start)) && /^[ \t]/.test(t)) t = t.replace(/^[ \t]+/, "");
+    if (other === item) remaining.unshift({ ...other, text: rest });
+    else if (t.startsWith(chunk) && t.slice(chunk.length).trim()) remaining.push({ ...other, text: t.slice(chunk.length) });
+  }
+  state.items = remaining;
+  state.active = 0;
+  state.snapshot = snapshotNow();
+  render();
+  placePopup();
+}
+let accepting = false;
 
 area.addEventListener("keydown", (e) => {
   if (e.isComposing || e.keyCode === 229) return; // an IME (Chinese input) owns the keys
+  if ((e.ctrlKey || e.metaKey) && (e.key === "s" || e.key === "S")) {
+    e.preventDefault();
+    saveDocument();
+    return;
+  }
+  if (readOnly) return;
+  if (state.open && e.key === "ArrowRight" && (e.ctrlKey || e.metaKey) && state.items.length && state.active >= 0) {
+    e.preventDefault();
+    acceptChunk();
+    return;
+  }
   if (e.key === "Tab" && !e.shiftKey && !e.ctrlKey && !e.altKey && !e.metaKey) {
     e.preventDefault();
     if (state.open && unchangedSince(state.snapshot)) {
@@ -282,14 +419,27 @@ function schedulePrefetch() {
 }
 
 area.addEventListener("input", () => {
-  if (state.open) closePopup(); // typing dismisses (and cancels) the suggestions
+  shiftMarks(lastValue, area.value);
+  lastValue = area.value;
+  if (pendingMark) {
+    marks = mergeMarks(marks.concat([pendingMark]));
+    pendingMark = null;
+  }
+  renderMarks();
   keepDraft();
+  if (accepting) return; // a partial accept keeps the popup open
+  if (state.open) closePopup(); // typing dismisses (and cancels) the suggestions
   schedulePrefetch();
 });
 area.addEventListener("mousedown", () => { if (state.open) closePopup(); });
 area.addEventListener("blur", () => { if (state.open) closePopup(); });
 window.addEventListener("resize", () => { if (state.open) placePopup(); });
-area.addEventListener("scroll", () => { if (state.open) placePopup(); });
+area.addEventListener("scroll", () => {
+  backdrop.scrollTop = area.scrollTop;
+  if (state.open) placePopup();
+});
+new ResizeObserver(() => syncBackdrop()).observe(area);
+renderMarks();
 
 // ---- perplexity view: the document scored by the model, each token coloured by its rank
 const scoreButton = element.querySelector(".tw-score-button");
@@ -404,3 +554,149 @@ scoreView.addEventListener("scroll", () => { scoreTip.hidden = true; });
 document.addEventListener("mousedown", (e) => {
   if (!scoreTip.hidden && !scoreTip.contains(e.target) && !scoreView.contains(e.target)) scoreTip.hidden = true;
 });
+
+// ---- documents: save (Ctrl+S), share a read-only link, my documents, export
+const docStatus = element.querySelector(".tw-doc-status");
+const myDocs = element.querySelector(".tw-mydocs");
+const banner = element.querySelector(".tw-readonly-banner");
+let current = readStore(CURRENT_KEY, { id: null, owner_key: null });
+let savedText = null; // text as last saved or loaded, to know when there is unsaved work
+
+function say(text, link) {
+  docStatus.replaceChildren(document.createTextNode(text));
+  if (link) {
+    const a = document.createElement("a");
+    a.href = link;
+    a.textContent = link;
+    a.className = "tw-share-link";
+    a.target = "_blank";
+    a.rel = "noopener";
+    docStatus.append(" ", a);
+  }
+}
+
+function remember(doc) {
+  const docs = readStore(DOCS_KEY, []).filter((d) => d && d.id !== doc.id);
+  docs.unshift({ id: doc.id, owner_key: doc.owner_key });
+  writeStore(DOCS_KEY, docs.slice(0, 200));
+}
+
+async function saveDocument() {
+  if (readOnly) { say("This shared document is read-only: use “Edit a copy” first."); return null; }
+  say("Saving…");
+  let answer;
+  try {
+    answer = await server.save_document({ text: area.value, marks, id: current.id, owner_key: current.owner_key });
+  } catch (e) {
+    answer = { error: "The server did not answer; your text is still here and in this browser." };
+  }
+  if (!answer || answer.error) { say((answer && answer.error) || "Saving failed."); return null; }
+  current = { id: answer.id, owner_key: answer.owner_key };
+  writeStore(CURRENT_KEY, current);
+  remember(current);
+  savedText = area.value;
+  say(`Saved at ${new Date().toLocaleTimeString()}.`);
+  return answer;
+}
+
+function shareUrl(id) {
+  return `${window.location.origin}${window.location.pathname}?doc=${encodeURIComponent(id)}`;
+}
+
+function showDocument(doc, editable) {
+  closePopup();
+  area.value = doc.text;
+  lastValue = area.value;
+  marks = mergeMarks((doc.marks || []).filter((m) => Array.isArray(m) && m[1] <= doc.text.length));
+  savedText = doc.text;
+  renderMarks();
+  readOnly = !editable;
+  area.readOnly = readOnly;
+  banner.hidden = !readOnly;
+  if (editable) keepDraft();
+}
+
+async function saveIfChanged() {
+  if (!readOnly && area.value.trim() && area.value !== savedText) await saveDocument();
+}
+
+async function refreshMyDocs() {
+  const docs = readStore(DOCS_KEY, []);
+  let list = [];
+  try { list = await server.list_documents({ ids: docs.map((d) => d.id) }); } catch (e) { /* offline */ }
+  const first = myDocs.options[0];
+  const options = (list || []).map((d) => {
+    const option = document.createElement("option");
+    option.value = d.id;
+    option.textContent = `${d.title} — ${new Date(d.updated * 1000).toLocaleString()}`;
+    return option;
+  });
+  myDocs.replaceChildren(first, ...options);
+}
+
+element.querySelector(".tw-save").addEventListener("click", saveDocument);
+element.querySelector(".tw-share").addEventListener("click", async () => {
+  const answer = readOnly ? current : await saveDocument();
+  const id = readOnly ? new URLSearchParams(window.location.search).get("doc") : answer && answer.id;
+  if (!id) return;
+  const url = shareUrl(id);
+  try { await navigator.clipboard.writeText(url); say("Link copied (read-only):", url); } catch (e) { say("Read-only link:", url); }
+});
+element.querySelector(".tw-new").addEventListener("click", async () => {
+  await saveIfChanged(); // nothing is lost: the previous text is in "my documents"
+  current = { id: null, owner_key: null };
+  writeStore(CURRENT_KEY, current);
+  showDocument({ text: "", marks: [] }, true);
+  say("New document.");
+  area.focus();
+});
+myDocs.addEventListener("focus", refreshMyDocs);
+myDocs.addEventListener("mousedown", refreshMyDocs);
+myDocs.addEventListener("change", async () => {
+  const id = myDocs.value;
+  myDocs.value = "";
+  if (!id) return;
+  await saveIfChanged();
+  const own = readStore(DOCS_KEY, []).find((d) => d.id === id);
+  let doc;
+  try { doc = await server.load_document({ id }); } catch (e) { doc = { error: "The server did not answer." }; }
+  if (!doc || doc.error) { say((doc && doc.error) || "Loading failed."); return; }
+  current = { id, owner_key: own ? own.owner_key : null };
+  writeStore(CURRENT_KEY, current);
+  showDocument(doc, true);
+  say("Opened.");
+});
+element.querySelector(".tw-copy-shared").addEventListener("click", () => {
+  current = { id: null, owner_key: null };
+  writeStore(CURRENT_KEY, current);
+  readOnly = false;
+  area.readOnly = false;
+  banner.hidden = true;
+  savedText = null;
+  window.history.replaceState(null, "", window.location.pathname);
+  keepDraft();
+  say("Editing your own copy; Save keeps it.");
+  area.focus();
+});
+
+function download(extension, body) {
+  const title = (area.value.trim().split("\n")[0] || "tabwrite").slice(0, 60).replace(/[^\p{L}\p{N} _-]+/gu, "").trim() || "tabwrite";
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([body], { type: extension === "md" ? "text/markdown" : "text/plain" }));
+  link.download = `${title}.${extension}`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+element.querySelector(".tw-export-txt").addEventListener("click", () => download("txt", area.value));
+element.querySelector(".tw-export-md").addEventListener("click", () => download("md", area.value));
+
+// A share link (?doc=ID) opens a read-only copy; the writer's own draft stays untouched.
+(async () => {
+  const shared = new URLSearchParams(window.location.search).get("doc");
+  if (!shared) return;
+  let doc;
+  try { doc = await server.load_document({ id: shared }); } catch (e) { doc = { error: "The server did not answer." }; }
+  if (!doc || doc.error) { say((doc && doc.error) || "Could not open the shared document."); return; }
+  showDocument(doc, false);
+  say("Shared document (read-only).");
+})();

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from editor.documents import DocumentError, DocumentStore
 from editor.service import SuggestService
 from models import loading, scoring
 from models.registry import EMBEDDED, ModelNotFound
@@ -42,7 +43,9 @@ def _session_of(request) -> str:
     return str(session or "")
 
 
-def build_demo(service: SuggestService) -> gr.Blocks:
+def build_demo(service: SuggestService, store: DocumentStore | None = None) -> gr.Blocks:
+    store = store or DocumentStore()
+
     def suggest_for_editor(args, request: gr.Request) -> dict:
         payload = _one_dict(args)
         try:
@@ -58,6 +61,43 @@ def build_demo(service: SuggestService) -> gr.Blocks:
 
     def score_for_editor(args, request: gr.Request) -> dict:
         return service.score_for_session(_session_of(request), str(_one_dict(args).get("text", "")))
+
+    def save_document(args) -> dict:
+        payload = _one_dict(args)
+        try:
+            return store.save(
+                str(payload.get("text", "")), payload.get("marks"), payload.get("id"), payload.get("owner_key")
+            )
+        except DocumentError as e:
+            return {"error": f"Not saved: {e}."}
+
+    def load_document(args) -> dict:
+        try:
+            return store.load(str(_one_dict(args).get("id", "")))
+        except DocumentError as e:
+            return {"error": f"Cannot open: {e}."}
+
+    def list_documents(args) -> list:
+        ids = _one_dict(args).get("ids")
+        return store.summaries(ids if isinstance(ids, list) else [])
+
+    def save(
+        text: str, marks: list[list[int]] | None = None, doc_id: str = "", owner_key: str = "", request: gr.Request = None
+    ) -> dict:
+        """Save a document (and the ranges of machine-written text); returns its id, owner key and share URL."""
+        try:
+            saved = store.save(text or "", marks, doc_id or None, owner_key or None)
+        except DocumentError as e:
+            raise gr.Error(str(e)) from None
+        host = request.headers.get("host", "127.0.0.1:7860") if request is not None else "127.0.0.1:7860"
+        return dict(saved, share_url=f"http://{host}/?doc={saved['id']}")
+
+    def load(doc_id: str) -> dict:
+        """A saved document's text and marks, by id."""
+        try:
+            return store.load(doc_id)
+        except DocumentError as e:
+            raise gr.Error(str(e)) from None
 
     def score(text: str, model: str = "") -> dict:
         """Perplexity, bits per character and each token's probability, rank and top alternatives."""
@@ -129,7 +169,15 @@ def build_demo(service: SuggestService) -> gr.Blocks:
                     html_template=_read("editor.html"),
                     css_template=_read("editor.css"),
                     js_on_load=_read("editor.js"),
-                    server_functions=[suggest_for_editor, suggestion_progress, cancel_suggestions, score_for_editor],
+                    server_functions=[
+                        suggest_for_editor,
+                        suggestion_progress,
+                        cancel_suggestions,
+                        score_for_editor,
+                        save_document,
+                        load_document,
+                        list_documents,
+                    ],
                     elem_id="editor",
                     apply_default_css=False,
                 )
@@ -168,4 +216,6 @@ def build_demo(service: SuggestService) -> gr.Blocks:
         demo.load(apply_settings, inputs, status, api_visibility="private")
         gr.api(suggest, api_name="suggest")
         gr.api(score, api_name="score")
+        gr.api(save, api_name="save")
+        gr.api(load, api_name="load")
     return demo

@@ -32,7 +32,10 @@ def app_url(tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("app") / "app.log"
     # HF_HUB_OFFLINE: a model name that is not embedded must fail without any network use.
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+        TABWRITE_DB=str(log_path.parent / "documents.sqlite3"),
+    )
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],

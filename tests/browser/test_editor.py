@@ -208,3 +208,89 @@ def test_perplexity_view_colours_tokens_and_replaces_one(page):
     page.wait_for_function(
         "document.querySelector('#editor .tw-score-summary').textContent.includes('perplexity')", timeout=ANSWER_TIMEOUT
     )
+
+
+def marked(page) -> list[str]:
+    return page.eval_on_selector_all("#editor mark.tw-machine", "els => els.map(e => e.textContent)")
+
+
+def test_inserted_text_is_marked_and_editing_inside_unmarks_that_part(page):
+    before = "The garden was full of"
+    type_into_editor(page, before)
+    tab_and_wait(page)
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Enter")
+    value = page.input_value(TEXTAREA)
+    inserted = value[len(before):]
+    assert marked(page) == [inserted]
+    page.keyboard.insert_text(" mine")  # typed after the suggestion: the writer's own
+    assert marked(page) == [inserted]
+    # Select two characters inside the machine text and type over them.
+    inside = len(before) + len(inserted) // 2
+    page.evaluate(f"document.querySelector('{TEXTAREA}').setSelectionRange({inside}, {inside + 2})")
+    page.keyboard.insert_text("XY")
+    parts = marked(page)
+    assert "".join(parts) == inserted[: len(inserted) // 2] + inserted[len(inserted) // 2 + 2 :]
+    assert all("XY" not in p for p in parts)
+
+
+def test_ctrl_right_accepts_one_word_at_a_time(page):
+    before = "On Monday morning I"
+    type_into_editor(page, before)
+    tab_and_wait(page)
+    page.keyboard.press("End")  # closes; reopen to have a clean popup
+    page.keyboard.press("Tab")
+    page.wait_for_function("document.querySelectorAll('#editor [role=option]').length >= 1", timeout=ANSWER_TIMEOUT)
+    wait_until_done(page)
+    full = page.eval_on_selector(f"{OPTIONS} >> nth=0", "e => e.querySelector('.tw-option-text').textContent")
+    page.keyboard.press("Control+ArrowRight")
+    value = page.input_value(TEXTAREA)
+    first_word = full.split()[0]
+    assert value.startswith(before) and value[len(before):].strip() == first_word
+    if len(full.split()) > 1:
+        # The rest is still offered, and Enter inserts it.
+        assert page.is_visible(POPUP)
+        rest = page.eval_on_selector(f"{OPTIONS} >> nth=0", "e => e.querySelector('.tw-option-text').textContent")
+        assert rest.strip() == full[len(first_word):].strip()
+        page.keyboard.press("Enter")
+        assert page.input_value(TEXTAREA)[len(before):].split() == full.split()
+    assert "".join(marked(page)).split() == full.split()
+
+
+def test_save_share_read_only_and_reload(page, browser):
+    text = "A letter to save <img src=x onerror=alert(1)>"
+    type_into_editor(page, text)
+    page.keyboard.press("Control+s")
+    page.wait_for_selector("#editor .tw-doc-status:has-text('Saved')", timeout=20_000)
+    page.click("#editor .tw-share")
+    link = page.wait_for_selector("#editor .tw-share-link", timeout=20_000).get_attribute("href")
+    assert "?doc=" in link and link.startswith(page.url.split("?")[0])
+    # The shared link opens a read-only copy, text shown as text.
+    reader = page.context.new_page()
+    reader.goto(link)
+    reader.wait_for_selector("#editor .tw-readonly-banner:not([hidden])", timeout=60_000)
+    assert reader.input_value(TEXTAREA) == text
+    assert reader.eval_on_selector(TEXTAREA, "e => e.readOnly")
+    assert reader.query_selector("#editor img") is None
+    reader.close()
+    # The draft survives a reload, and "my documents" lists the saved one.
+    page.reload()
+    page.wait_for_selector(TEXTAREA)
+    page.wait_for_function(f"document.querySelector('{TEXTAREA}').value.length > 0")
+    assert page.input_value(TEXTAREA) == text
+    page.click("#editor .tw-new")
+    page.wait_for_function(f"document.querySelector('{TEXTAREA}').value === ''")
+    page.focus("#editor .tw-mydocs")
+    page.wait_for_function("document.querySelectorAll('#editor .tw-mydocs option').length >= 2", timeout=20_000)
+    page.select_option("#editor .tw-mydocs", index=1)
+    page.wait_for_function(f"document.querySelector('{TEXTAREA}').value.length > 0", timeout=20_000)
+    assert page.input_value(TEXTAREA) == text
+
+
+def test_export_txt(page):
+    type_into_editor(page, "Export me\nsecond line")
+    with page.expect_download() as download:
+        page.click("#editor .tw-export-txt")
+    path = download.value.path()
+    assert open(path, encoding="utf-8").read() == "Export me\nsecond line"
+    assert download.value.suggested_filename == "Export me.txt"

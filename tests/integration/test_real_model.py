@@ -140,3 +140,15 @@ def test_score_endpoint(app_url):
     assert math.exp(-sum(math.log(t["prob"]) for t in tokens) / len(tokens)) == pytest.approx(result["perplexity"], rel=1e-3)
     with pytest.raises(Exception, match="empty"):
         client.predict("", api_name="/score")
+
+
+def test_save_and_load_endpoints(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    saved = client.predict("A saved text", [[0, 1]], api_name="/save")
+    assert saved["id"] and saved["share_url"].startswith("http://127.0.0.1") and saved["id"] in saved["share_url"]
+    loaded = client.predict(saved["id"], api_name="/load")
+    assert loaded["text"] == "A saved text" and loaded["marks"] == [[0, 1]]
+    with pytest.raises(Exception, match="no saved document"):
+        client.predict("not-an-id", api_name="/load")
