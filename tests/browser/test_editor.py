@@ -48,6 +48,15 @@ def test_tab_shows_three_suggestions_in_a_listbox(page):
     assert active and page.query_selector(f"#{active}").get_attribute("role") == "option"
     assert focused_is_editor(page)
     assert "\ufffd" not in "".join(options)
+    # Each option shows how likely the model found it.
+    bars = page.eval_on_selector_all(
+        f"{OPTIONS} .tw-conf", "els => els.map(e => [e.title, parseFloat(e.firstChild.style.width)])"
+    )
+    assert len(bars) == len(options)
+    assert all(title.startswith("mean token probability") and 0 <= width <= 100 for title, width in bars)
+    # The status line: model, device, latency, speed.
+    status = page.inner_text("#editor .tw-status")
+    assert "gemma-3-270m" in status and "(cpu)" in status and re.search(r"\d+ ms", status)
     page.screenshot(path="/tmp/tabwrite-popup.png")  # for a person to look at
 
 
@@ -232,6 +241,14 @@ def test_inserted_text_is_marked_and_editing_inside_unmarks_that_part(page):
     parts = marked(page)
     assert "".join(parts) == inserted[: len(inserted) // 2] + inserted[len(inserted) // 2 + 2 :]
     assert all("XY" not in p for p in parts)
+    # The marks survive saving and opening the document elsewhere.
+    page.click("#editor .tw-share")
+    link = page.wait_for_selector("#editor .tw-share-link", timeout=20_000).get_attribute("href")
+    reader = page.context.new_page()
+    reader.goto(link)
+    reader.wait_for_selector("#editor .tw-readonly-banner:not([hidden])", timeout=60_000)
+    assert marked(reader) == parts
+    reader.close()
 
 
 def test_ctrl_right_accepts_one_word_at_a_time(page):
