@@ -155,6 +155,12 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
     if not getattr(model, "can_generate", lambda: True)():
         raise ModelLoadError(f"'{source.name}' is not a causal language model")
     model.to(device).eval()
+    if device.type == "cpu":
+        from models.fastlinear import pack_fastest
+
+        report = pack_fastest(model)
+        packed = sum(1 for _, _, used in report.values() if used)
+        log.info("linear layers: %d of %d shapes faster pre-packed for oneDNN: %s", packed, len(report), report)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
     return LoadedModel(source.name, model, tokenizer, device, dtype, int(context))

@@ -1,0 +1,35 @@
+"""Pre-packed oneDNN linears compute the same thing as the layers they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from models.fastlinear import PackedLinear, _packed_available, pack_fastest
+
+
+@pytest.mark.skipif(not _packed_available(), reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_keeps_the_model_output(dtype):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    ids = torch.randint(0, 300, (3, 17))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits.float()
+        report = pack_fastest(model, min_gain=0.0)  # pack every shape that checks out
+        after = model(input_ids=ids).logits.float()
+    assert report and all(used for _, _, used in report.values())
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(before, after, atol=tolerance, rtol=tolerance)
+
+
+def test_a_layer_that_is_not_faster_is_left_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    pack_fastest(model, min_gain=1e9)  # nothing can be a billion times faster
+    assert type(model[0]) is torch.nn.Linear
