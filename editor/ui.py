@@ -133,8 +133,12 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             service.update_settings(_session_of(request), entry["model"], raw)
             return f"⚠️ {e}. Still using **{entry['model']}**."
         notes = service.update_settings(_session_of(request), model, raw)
+        settings, _ = validate(raw)
         device = f"{engine.device.type} · {str(engine.loaded.dtype).split('.')[-1]}"
-        text = f"Model **{engine.name}** ready ({device})."
+        text = (
+            f"Model **{engine.name}** ready ({device}). Temperature {settings.temperature:g} · top-k {settings.top_k}"
+            f" · top-p {settings.top_p:g} · lengths {'/'.join(map(str, settings.lengths))} · ≤ {settings.max_time:g} s per Tab."
+        )
         if notes:
             text += " " + "; ".join(notes) + "."
         return text
