@@ -160,7 +160,7 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
 
         report = pack_fastest(model)
         packed = sum(1 for _, _, used in report.values() if used)
-        log.info("linear layers: %d of %d shapes faster pre-packed for oneDNN: %s", packed, len(report), report)
+        log.info("linear layers pre-packed for oneDNN: %d of %d shapes (ms default, packed, used): %s", packed, len(report), report)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
     return LoadedModel(source.name, model, tokenizer, device, dtype, int(context))

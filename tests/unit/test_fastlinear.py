@@ -21,7 +21,7 @@ def test_packing_keeps_the_model_output(dtype):
     ids = torch.randint(0, 300, (3, 17))
     with torch.inference_mode():
         before = model(input_ids=ids).logits.float()
-        report = pack_fastest(model, min_gain=0.0)  # pack every shape that checks out
+        report = pack_fastest(model, min_gain=0.0, budget_mb=1e6)  # pack every shape that checks out
         after = model(input_ids=ids).logits.float()
     assert report and all(used for _, _, used in report.values())
     assert any(isinstance(m, PackedLinear) for m in model.modules())
@@ -33,3 +33,10 @@ def test_a_layer_that_is_not_faster_is_left_alone():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
     pack_fastest(model, min_gain=1e9)  # nothing can be a billion times faster
     assert type(model[0]) is torch.nn.Linear
+
+
+@pytest.mark.skipif(not _packed_available(), reason="this torch build has no oneDNN linear")
+def test_the_memory_budget_limits_packing():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)).eval()
+    pack_fastest(model, min_gain=0.0, budget_mb=0.0)
+    assert all(type(m) is torch.nn.Linear for m in model)
