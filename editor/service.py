@@ -3,6 +3,10 @@
 - Each browser session has its own settings (the settings panel writes them here) and at
   most one suggestion request in flight: a newer request, or a cancel from the editor
   (typing, Esc), stops the older one between two decode steps.
+- While the writer pauses, the editor asks for the suggestions at the caret in advance
+  (``prefetch``); the Tab that follows is answered from that result, or waits for it.
+- Rows finished so far are kept in the session's ``progress``, which the editor polls to
+  show the shortest suggestion before the longer ones are done (server functions cannot stream).
 - Engines are created once per loaded model and shared by all sessions; the engine's
   lock serialises forward passes (Gradio server functions bypass the queue).
 """
