@@ -89,8 +89,10 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             saved = store.save(text or "", marks, doc_id or None, owner_key or None)
         except DocumentError as e:
             raise gr.Error(str(e)) from None
-        host = request.headers.get("host", "127.0.0.1:7860") if request is not None else "127.0.0.1:7860"
-        return dict(saved, share_url=f"http://{host}/?doc={saved['id']}")
+        headers = request.headers if request is not None else {}
+        host = headers.get("host", "127.0.0.1:7860")
+        scheme = headers.get("x-forwarded-proto", "http")  # https behind a proxy such as Spaces
+        return dict(saved, share_url=f"{scheme}://{host}/?doc={saved['id']}")
 
     def load(doc_id: str) -> dict:
         """A saved document's text and marks, by id."""
