@@ -29,16 +29,12 @@ from pathlib import Path
 
 import torch
 
+from bench.stats import percentile
 from editor.service import SuggestService
 from models.registry import DEFAULT_MODEL, resolve
 from models.settings import Settings
 
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
-
-
-def percentile(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
 
 def rss_mb() -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
 import statistics
@@ -25,6 +24,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from bench.stats import percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [
     "The morning train was crowded, and",
@@ -35,11 +36,6 @@ TEXTS = [
     "The best advice I ever got about writing was",
 ]
 TIME_LIMIT_S = 600  # the whole run stops by then, whatever is left
-
-
-def percentile(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] if values else None
 
 
 def start_app() -> tuple[subprocess.Popen, str]:

@@ -293,15 +293,18 @@ async function requestSuggestions() {
   );
 }
 
+// The suggestion as it goes in at the caret: no double space when the writer already typed one.
+function fitToCaret(text, snap) {
+  return /\s$/.test(snap.text.slice(0, snap.start)) && /^[ \t]/.test(text) ? text.replace(/^[ \t]+/, "") : text;
+}
+
 function insert(index) {
   const item = state.items[index];
   const snap = state.snapshot;
   if (!item || !snap) return;
   area.focus();
   area.setSelectionRange(snap.start, snap.end);
-  let text = item.text;
-  // Avoid a double space when the writer already typed one.
-  if (/\s$/.test(snap.text.slice(0, snap.start)) && /^[ \t]/.test(text)) text = text.replace(/^[ \t]+/, "");
+  const text = fitToCaret(item.text, snap);
   closePopup();
   insertAt(snap.start, snap.end, text, true);
 }
@@ -325,8 +328,7 @@ function acceptChunk() {
   const item = state.items[state.active];
   const snap = state.snapshot;
   if (!item || !snap) return;
-  let text = item.text;
-  if (/\s$/.test(snap.text.slice(0, snap.start)) && /^[ \t]/.test(text)) text = text.replace(/^[ \t]+/, "");
+  const text = fitToCaret(item.text, snap);
   const match = text.match(FIRST_CHUNK);
   const chunk = match ? match[0] : text;
   const rest = text.slice(chunk.length);
@@ -337,8 +339,7 @@ function acceptChunk() {
   // The other suggestions that agree with what was accepted stay offered too.
   const remaining = [];
   for (const other of state.items) {
-    let t = other.text;
-    if (/\s$/.test(snap.text.slice(0, snap.start)) && /^[ \t]/.test(t)) t = t.replace(/^[ \t]+/, "");
+    const t = fitToCaret(other.text, snap);
     if (other === item) remaining.unshift({ ...other, text: rest });
     else if (t.startsWith(chunk) && t.slice(chunk.length).trim()) remaining.push({ ...other, text: t.slice(chunk.length) });
   }
@@ -532,11 +533,7 @@ function replaceToken(token, replacement) {
     scoreSummary.textContent = "The text changed since it was scored: score it again.";
     return;
   }
-  area.focus();
-  area.setSelectionRange(start, end);
-  const done = document.execCommand && document.execCommand("insertText", false, replacement);
-  if (!done) area.setRangeText(replacement, start, end, "end");
-  keepDraft();
+  insertAt(start, end, replacement, false);
   scoreTip.hidden = true;
   scoreDocument();
 }
@@ -561,6 +558,17 @@ const myDocs = element.querySelector(".tw-mydocs");
 const banner = element.querySelector(".tw-readonly-banner");
 let current = readStore(CURRENT_KEY, { id: null, owner_key: null });
 let savedText = null; // text as last saved or loaded, to know when there is unsaved work
+
+function setCurrent(id, ownerKey) {
+  current = { id, owner_key: ownerKey };
+  writeStore(CURRENT_KEY, current);
+}
+
+function setReadOnly(flag) {
+  readOnly = flag;
+  area.readOnly = flag;
+  banner.hidden = !flag;
+}
 
 function say(text, link) {
   docStatus.replaceChildren(document.createTextNode(text));
@@ -591,8 +599,7 @@ async function saveDocument() {
     answer = { error: "The server did not answer; your text is still here and in this browser." };
   }
   if (!answer || answer.error) { say((answer && answer.error) || "Saving failed."); return null; }
-  current = { id: answer.id, owner_key: answer.owner_key };
-  writeStore(CURRENT_KEY, current);
+  setCurrent(answer.id, answer.owner_key);
   remember(current);
   savedText = area.value;
   say(`Saved at ${new Date().toLocaleTimeString()}.`);
@@ -610,9 +617,7 @@ function showDocument(doc, editable) {
   marks = mergeMarks((doc.marks || []).filter((m) => Array.isArray(m) && m[1] <= doc.text.length));
   savedText = doc.text;
   renderMarks();
-  readOnly = !editable;
-  area.readOnly = readOnly;
-  banner.hidden = !readOnly;
+  setReadOnly(!editable);
   if (editable) keepDraft();
 }
 
@@ -644,8 +649,7 @@ element.querySelector(".tw-share").addEventListener("click", async () => {
 });
 element.querySelector(".tw-new").addEventListener("click", async () => {
   await saveIfChanged(); // nothing is lost: the previous text is in "my documents"
-  current = { id: null, owner_key: null };
-  writeStore(CURRENT_KEY, current);
+  setCurrent(null, null);
   showDocument({ text: "", marks: [] }, true);
   say("New document.");
   area.focus();
@@ -661,17 +665,13 @@ myDocs.addEventListener("change", async () => {
   let doc;
   try { doc = await server.load_document({ id }); } catch (e) { doc = { error: "The server did not answer." }; }
   if (!doc || doc.error) { say((doc && doc.error) || "Loading failed."); return; }
-  current = { id, owner_key: own ? own.owner_key : null };
-  writeStore(CURRENT_KEY, current);
+  setCurrent(id, own ? own.owner_key : null);
   showDocument(doc, true);
   say("Opened.");
 });
 element.querySelector(".tw-copy-shared").addEventListener("click", () => {
-  current = { id: null, owner_key: null };
-  writeStore(CURRENT_KEY, current);
-  readOnly = false;
-  area.readOnly = false;
-  banner.hidden = true;
+  setCurrent(null, null);
+  setReadOnly(false);
   savedText = null;
   window.history.replaceState(null, "", window.location.pathname);
   keepDraft();

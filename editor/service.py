@@ -60,13 +60,13 @@ class SuggestService:
                 self._sessions.popitem(last=False)
             return entry
 
-    def update_settings(self, session_id: str, model: str, raw: dict) -> list[str]:
-        """Store a session's settings; returns notes about clamped values."""
+    def update_settings(self, session_id: str, model: str, raw: dict) -> tuple[Settings, list[str]]:
+        """Store a session's settings; returns them as validated, with notes about clamped values."""
         settings, notes = validate(raw)
         entry = self.session(session_id)
         entry["settings"] = settings.to_dict()
         entry["model"] = model or self.default_model
-        return notes
+        return settings, notes
 
     # -- requests
 

@@ -134,8 +134,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             entry = service.session(_session_of(request))
             service.update_settings(_session_of(request), entry["model"], raw)
             return f"⚠️ {e}. Still using **{entry['model']}**."
-        notes = service.update_settings(_session_of(request), model, raw)
-        settings, _ = validate(raw)
+        settings, notes = service.update_settings(_session_of(request), model, raw)
         device = f"{engine.device.type} · {str(engine.loaded.dtype).split('.')[-1]}"
         text = (
             f"Model **{engine.name}** ready ({device}). Temperature {settings.temperature:g} · top-k {settings.top_k}"
