@@ -113,6 +113,24 @@ def sample(
     return tokens, logprobs
 
 
+def forbid_unlikely_stop(logits: torch.Tensor, rows: list[int], stop_ids: torch.Tensor) -> torch.Tensor:
+    """Stop tokens made impossible in ``rows`` unless one of them is the model's first choice.
+
+    A row that has said nothing yet and samples a rare end-of-text token would come back
+    empty, and the writer would see two suggestions instead of three; a model that is sure
+    the text ends here (its top token is a stop token) is still allowed to say so.
+    """
+    index = torch.tensor(rows, device=logits.device)
+    picked = logits.index_select(0, index)
+    stop_best = picked.index_select(1, stop_ids).max(dim=-1).values
+    unlikely = stop_best < picked.max(dim=-1).values
+    if bool(unlikely.any()):
+        logits = logits.clone()
+        masked_rows = index[unlikely]
+        logits[masked_rows[:, None], stop_ids[None, :]] = float("-inf")
+    return logits
+
+
 # ---------------------------------------------------------------- tokens <-> text helpers
 
 
@@ -334,6 +352,9 @@ class SuggestionEngine:
         # Every step feeds one token: stay inside the model's positions (GPT-2 has no more).
         max_steps = max(1, min(max_steps, self.loaded.context_length - len(ids)))
         for step in range(max_steps):
+            silent = [r for r in range(n) if finals[r] is None and not texts[r].strip()]
+            if silent:
+                logits = forbid_unlikely_stop(logits, silent, self.stop_ids)
             tokens, logprobs = sample(logits, settings.temperature, settings.top_k, settings.top_p, generator)
             is_stop = torch.isin(tokens, self.stop_ids).tolist()
             token_list, logprob_list = tokens.tolist(), logprobs.tolist()

@@ -21,6 +21,7 @@ from models.engine import (
     VocabIndex,
     clean_prompt,
     decode_step,
+    forbid_unlikely_stop,
     longest_common_prefix,
     prefill,
     sample,
@@ -321,6 +322,35 @@ def test_model_that_only_ends_text_gives_a_message(tok):
     result = eng.suggest("The quick brown fox", Settings(), seed=0)
     # Token healing forces the first token (re-typing "fox"); the model ends the text next.
     assert result.suggestions == [] and result.message and result.steps <= 2
+
+
+def test_forbid_unlikely_stop_only_where_a_stop_is_not_first_choice():
+    stop_ids = torch.tensor([2, 5])
+    logits = torch.zeros(3, 8)
+    logits[:, 1] = 3.0  # an ordinary token leads in every row ...
+    logits[:, 5] = 2.0  # ... a stop token is close behind
+    logits[2, 2] = 4.0  # except in row 2, where the model is sure the text ends
+    out = forbid_unlikely_stop(logits, [0, 2], stop_ids)
+    assert torch.isinf(out[0, [2, 5]]).all() and out[0, 1] == 3.0
+    assert torch.equal(out[1], logits[1])  # not a silent row: untouched
+    assert torch.equal(out[2], logits[2])  # stop is its first choice: allowed
+    assert logits[0, 5] == 2.0  # the input is not changed in place
+
+
+def test_rare_end_of_text_never_leaves_a_suggestion_empty(tok):
+    # A model that says " the" but gives end-of-text a fair chance (e^-1 : 1) at every step:
+    # without a guard, about a quarter of the rows would end before saying anything.
+    eng = constant_engine(tok, piece_id(tok, "▁the"))
+    with torch.no_grad():
+        eng.model.lm_head.weight[tok.eos_token_id, 0] = 29.0
+    settings = Settings(lengths=[2, 4, 8], num_suggestions=3, temperature=1.0, top_k=40, top_p=1.0)
+    ended_early = 0
+    for seed in range(12):
+        result = eng.suggest("I went to the store", settings, seed=seed)
+        assert len(result.suggestions) == 3, (seed, result.texts, result.message)
+        assert all(s.text.split() and set(s.text.split()) == {"the"} for s in result.suggestions)
+        ended_early += sum(s.tokens < t for s, t in zip(result.suggestions, targets(settings, 0)))
+    assert ended_early > 0  # end-of-text still ends a row that has said something
 
 
 def test_suggestion_stops_at_newline(tok):
