@@ -114,7 +114,7 @@ def main() -> None:
         llama_cpp_press(llm, prompt, settings, 32)
     cold, first, repeat, prefetched, naive, per_step, llama = [], [], [], [], [], [], []
     for run in range(args.runs):
-        engine._prefix_ids, engine._prefix_cache = [], None  # Tab right after the text changed
+        engine.prefixes.clear()  # Tab right after the text changed
         result = engine.suggest(prompt, settings, seed=run)
         cold.append(result.elapsed_s)
         first.append(result.first_ready_s or result.elapsed_s)

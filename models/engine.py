@@ -1,6 +1,6 @@
 """The suggestion engine: one Tab press -> several sampled continuations of increasing length.
 
-The loop is written out by hand (in the spirit of gpt-fast's generate.py) instead of calling
+The loop is written out by hand (the model steps are in models/steps.py) instead of calling
 ``model.generate(num_return_sequences=3)``, because on a 2-core CPU that is 3-4x slower:
 - the prompt is prefilled once, as a batch of one, and its KV cache is kept: the next
   Tab press on the same (or extended) text only prefills the tokens that are new;
@@ -9,12 +9,16 @@ The loop is written out by hand (in the spirit of gpt-fast's generate.py) instea
   vocabulary costs ~24 ms a step here);
 - each row stops on its own at its target length (on a word boundary), at end of text
   or at a newline; the press stops when its time budget is spent or it is cancelled.
+
+Presses from many writers share the model through one worker thread per engine: a press
+that arrives while others are decoding joins their batch at the next step (continuous
+batching, models/batching.py), and every press in flight advances one token per step, so
+nobody waits for somebody else's long suggestion to finish.
 """
 
 from __future__ import annotations
 
 import bisect
-import copy
 import math
 import threading
 import time
@@ -22,16 +26,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from models import textcut
+from models.batching import BatchKV, PrefixStore
 from models.loading import LoadedModel
 from models.settings import Settings, targets
+from models.steps import decode_step, forbid_unlikely_stop, longest_common_prefix, prefill, sample  # noqa: F401
 
 # How many prompt tokens are decoded alongside a continuation to turn it into text
 # (SentencePiece drops a leading space when a piece is decoded on its own).
 _DECODE_CONTEXT = 6
 _MAX_PROMPT_CHARS_PER_TOKEN = 12  # only this many chars per context token are tokenized
+_WORKER_IDLE_S = 30.0  # the worker thread ends after this long with nothing to do (a new press restarts it)
 
 
 def _hard_cap(target: int) -> int:
@@ -62,73 +68,11 @@ class SuggestResult:
     timed_out: bool = False
     cancelled: bool = False
     truncated: bool = False  # the document was longer than the context window
+    peak_batch: int = 1  # the most presses (this one included) that shared one forward pass
 
     @property
     def texts(self) -> list[str]:
         return [s.text for s in self.suggestions]
-
-
-# ---------------------------------------------------------------- model steps (plain functions)
-
-
-@torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """Run the prompt tokens through the model, filling ``cache``. Returns last-position logits [B, V]."""
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :]
-
-
-@torch.inference_mode()
-def decode_step(model, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """One token for each row: tokens [B] -> next-token logits [B, V]."""
-    out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :]
-
-
-@torch.inference_mode()
-def sample(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from the top-k (then top-p) of ``logits`` [B, V].
-
-    Returns (tokens [B], log-probabilities [B] of those tokens under the untempered model).
-    """
-    logits = logits.float()
-    k = max(1, min(int(top_k), logits.shape[-1]))
-    top_vals, top_idx = torch.topk(logits, k, dim=-1)
-    probs = torch.softmax(top_vals / max(temperature, 1e-5), dim=-1)
-    if top_p < 1.0:
-        # Keep the smallest set of tokens whose mass reaches top_p (always at least one).
-        cumulative = probs.cumsum(dim=-1)
-        probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    tokens = top_idx.gather(-1, choice).squeeze(-1)
-    chosen = top_vals.gather(-1, choice).squeeze(-1)
-    logprobs = chosen - torch.logsumexp(logits, dim=-1)
-    return tokens, logprobs
-
-
-def forbid_unlikely_stop(logits: torch.Tensor, rows: list[int], stop_ids: torch.Tensor) -> torch.Tensor:
-    """Stop tokens made impossible in ``rows`` unless one of them is the model's first choice.
-
-    A row that has said nothing yet and samples a rare end-of-text token would come back
-    empty, and the writer would see two suggestions instead of three; a model that is sure
-    the text ends here (its top token is a stop token) is still allowed to say so.
-    """
-    index = torch.tensor(rows, device=logits.device)
-    picked = logits.index_select(0, index)
-    stop_best = picked.index_select(1, stop_ids).max(dim=-1).values
-    unlikely = stop_best < picked.max(dim=-1).values
-    if bool(unlikely.any()):
-        logits = logits.clone()
-        masked_rows = index[unlikely]
-        logits[masked_rows[:, None], stop_ids[None, :]] = float("-inf")
-    return logits
 
 
 # ---------------------------------------------------------------- tokens <-> text helpers
@@ -171,25 +115,64 @@ def control_token_ids(tokenizer) -> set[int]:
     return found
 
 
-def longest_common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def clean_prompt(text: str) -> str:
     """What the model sees of the writer's text: valid UTF-8, no control characters."""
     text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
     return textcut.clean_control(text)
 
 
+# ---------------------------------------------------------------- one press in flight
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class _Press:
+    """What the worker knows about one Tab press while it runs."""
+
+    text: str
+    settings: Settings
+    wanted: list[int]
+    started: float
+    deadline: float
+    is_cancelled: Callable[[], bool]
+    on_update: Callable[[list[Suggestion]], None] | None
+    generator: torch.Generator | None
+    result: SuggestResult
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    # Filled in when the press joins a batch:
+    context: list[int] = field(default_factory=list)
+    healed_text: str = ""
+    max_steps: int = 0
+    rows: list[list[int]] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    finals: list[str | None] = field(default_factory=list)
+
+    def remaining(self) -> int:
+        return max(0, self.max_steps - self.result.steps)
+
+
+class _Group:
+    """One decoding batch: its cache, the logits of its next step, and which press owns each row."""
+
+    def __init__(self, config, limit: int):
+        self.kv = BatchKV(config, limit)
+        self.logits: torch.Tensor | None = None
+        self.owners: list[tuple[_Press, int]] = []
+
+    def presses(self) -> list[_Press]:
+        return list(dict.fromkeys(p for p, _ in self.owners))
+
+
 # ---------------------------------------------------------------- the engine
 
 
 class SuggestionEngine:
-    """Holds a loaded model, its prefix KV cache, and a lock (one forward pass at a time)."""
+    """Holds a loaded model, its prefix caches, and the worker that runs every press on it.
+
+    ``lock`` is held for each forward pass (the worker's steps, scoring), so at most one
+    runs at a time; on 2 cores two at once would only slow each other down.
+    """
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
@@ -211,10 +194,12 @@ class SuggestionEngine:
         self.bos_id = bos if bos is not None and probe and probe[0] == bos else None
         window = getattr(self.model.config, "sliding_window", None)
         self.cache_limit = min(loaded.context_length, window or loaded.context_length)
-        # The prefix cache: token ids and the batch-1 KV cache that holds them.
-        self._prefix_ids: list[int] = []
-        self._prefix_cache: DynamicCache | None = None
-        self._prefix_logits: torch.Tensor | None = None
+        self.prefixes = PrefixStore(self.model, self.model.config, self.cache_limit)
+        # Presses waiting to join a batch, the batches decoding, and the worker thread.
+        self._wakeup = threading.Condition()
+        self._waiting: list[_Press] = []
+        self._groups: list[_Group] = []
+        self._worker: threading.Thread | None = None
 
     @property
     def name(self) -> str:
@@ -250,25 +235,6 @@ class SuggestionEngine:
             ids = [self.bos_id] + ids
         return ids, truncated
 
-    def _prefill_cached(self, ids: list[int]) -> tuple[DynamicCache, torch.Tensor, int]:
-        """KV cache and last logits for ``ids``, reusing the longest cached common prefix."""
-        common = longest_common_prefix(self._prefix_ids, ids)
-        cache = self._prefix_cache
-        if cache is not None and common == len(ids) == len(self._prefix_ids):
-            return cache, self._prefix_logits, 0
-        if cache is None or common == 0 or len(ids) >= self.cache_limit:
-            cache, common = DynamicCache(config=self.model.config), 0
-        else:
-            common = min(common, len(ids) - 1)  # at least one token must run to get logits
-            try:
-                cache.crop(common - len(self._prefix_ids)) if common < len(self._prefix_ids) else None
-            except (RuntimeError, ValueError):
-                cache, common = DynamicCache(config=self.model.config), 0
-        new = torch.tensor([ids[common:]], device=self.device)
-        logits = prefill(self.model, new, cache)
-        self._prefix_ids, self._prefix_cache, self._prefix_logits = list(ids), cache, logits
-        return cache, logits, len(ids) - common
-
     def _row_text(self, context: list[int], healed: str, row: list[int]) -> str:
         base = self.tokenizer.decode(context, skip_special_tokens=True)
         full = self.tokenizer.decode(context + row, skip_special_tokens=True)
@@ -279,7 +245,7 @@ class SuggestionEngine:
         # A byte piece that never completes a character leaves U+FFFD inside the text, not only at its end.
         return textcut.clean_control(textcut.utf8_safe(text))
 
-    # -- one Tab press
+    # -- one Tab press (called from any thread; the worker does the work)
 
     def suggest(
         self,
@@ -296,105 +262,179 @@ class SuggestionEngine:
         if not text.strip():
             result.message = "Type a few words first, then press Tab."
             return result
-        wanted = targets(settings, round_)
-        with self.lock:
-            # Time spent waiting for another writer's request counts against this budget too.
-            deadline = started + settings.max_time
-            if is_cancelled():
-                result.cancelled = True
-                return result
-            try:
-                self._generate(text, settings, wanted, deadline, is_cancelled, seed, on_update, result)
-            except torch.OutOfMemoryError as e:  # type: ignore[attr-defined]
-                self._prefix_ids, self._prefix_cache = [], None
-                raise EngineError("the model ran out of memory; try a shorter context or a smaller model") from e
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        press = _Press(
+            text=text, settings=settings, wanted=targets(settings, round_), started=started,
+            # Time spent waiting for other writers' presses counts against this budget too.
+            deadline=started + settings.max_time, is_cancelled=is_cancelled, on_update=on_update,
+            generator=generator, result=result,
+        )
+        with self._wakeup:
+            self._waiting.append(press)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name=f"tabwrite-{self.name}", daemon=True)
+                self._worker.start()
+            self._wakeup.notify()
+        press.done.wait()
+        if press.error is not None:
+            if isinstance(press.error, torch.OutOfMemoryError):  # type: ignore[attr-defined]
+                raise EngineError("the model ran out of memory; try a shorter context or a smaller model") from press.error
+            raise press.error
         result.elapsed_s = time.perf_counter() - started
         if not result.suggestions and not result.message and not result.cancelled:
             result.message = "The model had nothing to add here; try Tab again or write a little more."
         return result
 
-    def _generate(self, text, settings, wanted, deadline, is_cancelled, seed, on_update, result):
-        started = deadline - settings.max_time
-        ids, result.truncated = self.prompt_ids(text, settings.context_tokens)
+    # -- the worker
+
+    def _serve(self) -> None:
+        """Admit waiting presses into batches and advance every batch one token, until idle."""
+        while True:
+            with self._wakeup:
+                while not self._waiting and not self._groups:
+                    if not self._wakeup.wait(timeout=_WORKER_IDLE_S) and not self._waiting:
+                        self._worker = None
+                        return
+                waiting, self._waiting = self._waiting, []
+            with self.lock:
+                for press in waiting:
+                    self._guarded(self._admit, press)
+                for group in list(self._groups):
+                    self._guarded(self._advance, group)
+
+    def _guarded(self, work, arg) -> None:
+        """Run one piece of the worker's work; a failure ends the presses it concerns, not the worker."""
+        presses = arg.presses() if isinstance(arg, _Group) else [arg]
+        try:
+            work(arg)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting callers, who raise it
+            if isinstance(arg, _Group) and arg in self._groups:
+                self._groups.remove(arg)
+            if isinstance(e, torch.OutOfMemoryError):  # type: ignore[attr-defined]
+                self.prefixes.clear()
+            for press in presses:
+                if not press.done.is_set():
+                    press.error = e
+                    press.done.set()
+
+    def _admit(self, press: _Press) -> None:
+        """Prefill a press's prompt (reusing a cached prefix) and add its rows to a batch."""
+        result, settings = press.result, press.settings
+        if press.is_cancelled():
+            result.cancelled = True
+            press.done.set()
+            return
+        ids, result.truncated = self.prompt_ids(press.text, settings.context_tokens)
         result.prompt_tokens = len(ids)
         # Token healing: take the last token back when it is an ordinary piece.
-        healed_piece, healed_text = None, ""
+        healed_piece = None
         last = ids[-1]
         if len(ids) > 1 and last in self.vocab.piece_of:
             healed_piece = self.vocab.piece_of[last]
-            context = ids[-_DECODE_CONTEXT - 1 : -1]
-            healed_text = self._row_text(context, "", [last])
-            if not healed_text:
+            press.healed_text = self._row_text(ids[-_DECODE_CONTEXT - 1 : -1], "", [last])
+            if not press.healed_text:
                 healed_piece = None
         if healed_piece is not None:
             ids = ids[:-1]
-        context = ids[-_DECODE_CONTEXT:]
-
-        cache, logits, result.new_prompt_tokens = self._prefill_cached(ids)
-        n = len(wanted)
-        cache = copy.deepcopy(cache)
-        cache.batch_repeat_interleave(n)
+        press.context = ids[-_DECODE_CONTEXT:]
+        cache, logits, result.new_prompt_tokens = self.prefixes.prefill(ids, self.device)
+        n = len(press.wanted)
         logits = logits.expand(n, -1).clone()
         if healed_piece is not None:
             allowed = torch.tensor(self.vocab.starting_with(healed_piece), device=self.device)
             masked = torch.full_like(logits, float("-inf"))
             masked[:, allowed] = logits[:, allowed]
             logits = masked
-
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        rows: list[list[int]] = [[] for _ in range(n)]
-        logp = [0.0] * n
-        texts = [""] * n
-        finals: list[str | None] = [None] * n
-        max_steps = _hard_cap(max(wanted))
         # Every step feeds one token: stay inside the model's positions (GPT-2 has no more).
-        max_steps = max(1, min(max_steps, self.loaded.context_length - len(ids)))
-        for step in range(max_steps):
-            silent = [r for r in range(n) if finals[r] is None and not texts[r].strip()]
-            if silent:
-                logits = forbid_unlikely_stop(logits, silent, self.stop_ids)
-            tokens, logprobs = sample(logits, settings.temperature, settings.top_k, settings.top_p, generator)
-            is_stop = torch.isin(tokens, self.stop_ids).tolist()
-            token_list, logprob_list = tokens.tolist(), logprobs.tolist()
-            finished_now = False
-            for r in range(n):
-                if finals[r] is not None:
-                    continue
-                if is_stop[r]:
-                    finals[r], finished_now = texts[r], True
-                    continue
-                rows[r].append(token_list[r])
-                logp[r] += logprob_list[r]
-                previous, texts[r] = texts[r], self._row_text(context, healed_text, rows[r])
-                finals[r] = self._finished(previous, texts[r], len(rows[r]), wanted[r])
-                if finals[r] is not None and len(rows[r]) < _hard_cap(wanted[r]) and any(
-                    q != r and finals[q] is not None and finals[q].strip() == finals[r].strip() for q in range(n)
-                ):
-                    finals[r] = None  # the same as another suggestion: go on until it says something else
-                finished_now = finished_now or finals[r] is not None
-            result.steps = step + 1
-            if result.first_ready_s is None and any(f is not None for f in finals):
-                result.first_ready_s = time.perf_counter() - started
-            if on_update is not None and finished_now:
-                on_update(self._collect(finals, rows, logp))  # for streaming: rows done so far
-            if all(f is not None for f in finals):
+        press.max_steps = max(1, min(_hard_cap(max(press.wanted)), self.loaded.context_length - len(ids)))
+        press.rows, press.logp = [[] for _ in range(n)], [0.0] * n
+        press.texts, press.finals = [""] * n, [None] * n
+        # Join a batch that has room for this prompt and its longest row (padding included).
+        for group in self._groups:
+            steps = max([press.max_steps] + [p.remaining() for p in group.presses()])
+            if group.kv.fits(len(ids), steps):
                 break
-            if is_cancelled():
-                result.cancelled = True
-                break
-            # Stop early enough that the next step (about as long as the last one) fits the budget.
-            if time.perf_counter() >= deadline:
-                result.timed_out = True
-                break
-            logits = decode_step(self.model, tokens, cache)
-        for r in range(n):
-            if finals[r] is None:
-                finals[r] = textcut.complete_prefix(texts[r]) or texts[r]
-        result.suggestions = self._collect(finals, rows, logp)
-        if result.timed_out:
-            result.message = f"Stopped at the {settings.max_time:g} s time limit."
+        else:
+            group = _Group(self.model.config, self.cache_limit - 1)
+            self._groups.append(group)
+        group.kv.add(cache, len(ids), n)
+        group.logits = logits if group.logits is None else torch.cat([group.logits, logits.to(group.logits.dtype)])
+        group.owners += [(press, r) for r in range(n)]
+
+    def _advance(self, group: _Group) -> None:
+        """Sample one token for every row of ``group``, finish what is done, run one decode step."""
+        presses = group.presses()
+        tokens = torch.empty(len(group.owners), dtype=torch.long, device=self.device)
+        finished_rows: set[int] = set()
+        for press in presses:
+            index = [i for i, (p, _) in enumerate(group.owners) if p is press]
+            if self._sample_press(press, group, index, tokens, len(presses)):
+                finished_rows.update(index)
+            else:
+                finished_rows.update(i for i in index if press.finals[group.owners[i][1]] is not None)
+        keep = [i for i in range(len(group.owners)) if i not in finished_rows]
+        group.kv.keep(keep)
+        group.owners = [group.owners[i] for i in keep]
+        if not keep:
+            self._groups.remove(group)
+            return
+        group.logits = group.kv.step(self.model, tokens[keep])
+
+    def _sample_press(self, press: _Press, group: _Group, index: list[int], tokens: torch.Tensor, sharing: int) -> bool:
+        """One step of one press: sample its rows, update its texts. True when the press is done."""
+        result, settings = press.result, press.settings
+        result.peak_batch = max(result.peak_batch, sharing)
+        rows = [group.owners[i][1] for i in index]
+        logits = group.logits[index] if len(index) != len(group.owners) else group.logits
+        silent = [k for k, r in enumerate(rows) if not press.texts[r].strip()]
+        if silent:
+            logits = forbid_unlikely_stop(logits, silent, self.stop_ids)
+        sampled, logprobs = sample(logits, settings.temperature, settings.top_k, settings.top_p, press.generator)
+        tokens[index] = sampled
+        is_stop = torch.isin(sampled, self.stop_ids).tolist()
+        finished_now = False
+        for k, (r, token, logprob) in enumerate(zip(rows, sampled.tolist(), logprobs.tolist())):
+            if is_stop[k]:
+                press.finals[r], finished_now = press.texts[r], True
+                continue
+            press.rows[r].append(token)
+            press.logp[r] += logprob
+            previous = press.texts[r]
+            press.texts[r] = self._row_text(press.context, press.healed_text, press.rows[r])
+            final = self._finished(previous, press.texts[r], len(press.rows[r]), press.wanted[r])
+            if final is not None and len(press.rows[r]) < _hard_cap(press.wanted[r]) and any(
+                q != r and f is not None and f.strip() == final.strip() for q, f in enumerate(press.finals)
+            ):
+                final = None  # the same as another suggestion: go on until it says something else
+            press.finals[r] = final
+            finished_now = finished_now or final is not None
+        result.steps += 1
+        if result.first_ready_s is None and any(f is not None for f in press.finals):
+            result.first_ready_s = time.perf_counter() - press.started
+        if press.on_update is not None and finished_now:
+            press.on_update(self._collect(press.finals, press.rows, press.logp))  # for streaming: rows done so far
+        if all(f is not None for f in press.finals) or result.steps >= press.max_steps:
+            pass
+        elif press.is_cancelled():
+            result.cancelled = True
+        # Stop early enough that the next step (about as long as the last one) fits the budget.
+        elif time.perf_counter() >= press.deadline:
+            result.timed_out = True
+        else:
+            return False
+        self._finish(press)
+        return True
+
+    def _finish(self, press: _Press) -> None:
+        for r, final in enumerate(press.finals):
+            if final is None:
+                press.finals[r] = textcut.complete_prefix(press.texts[r]) or press.texts[r]
+        press.result.suggestions = self._collect(press.finals, press.rows, press.logp)
+        if press.result.timed_out:
+            press.result.message = f"Stopped at the {press.settings.max_time:g} s time limit."
+        press.done.set()
 
     @staticmethod
     def _collect(finals, rows, logp) -> list[Suggestion]:

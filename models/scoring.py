@@ -48,6 +48,8 @@ def score(
     alternatives: int = ALTERNATIVES,
     on_progress: Callable[[float], None] | None = None,
 ) -> dict:
+    if hasattr(engine, "score"):  # a model behind a server (models/remote.py) scores through its API
+        return engine.score(text, alternatives=alternatives, on_progress=on_progress)
     text = clean_prompt(text or "")
     if not text.strip():
         return {"error": "Nothing to score: the document is empty."}
@@ -69,40 +71,40 @@ def score(
         s, e = spans[0]
         results.append({"text": text[s:e], "start": s, "end": e, "prob": None, "rank": None, "alternatives": []})
     windows = list(range(first, len(ids), WINDOW))
-    with engine.lock:
-        for n, start in enumerate(windows):
-            end = min(start + WINDOW, len(ids))
-            context_start = max(0, start - OVERLAP)
-            feed = (bos if context_start == 0 else []) + ids[context_start:end]
+    for n, start in enumerate(windows):
+        end = min(start + WINDOW, len(ids))
+        context_start = max(0, start - OVERLAP)
+        feed = (bos if context_start == 0 else []) + ids[context_start:end]
+        with engine.lock:  # one window at a time, so Tab presses of other writers go on in between
             logits = model(input_ids=torch.tensor([feed], device=engine.device)).logits[0].float()
-            # logits[k] predicts feed[k + 1]; the targets are ids[start:end].
-            offset = len(feed) - (end - start) - 1
-            logp = torch.log_softmax(logits[offset : offset + (end - start)], dim=-1)
-            targets = torch.tensor(ids[start:end], device=logp.device)
-            target_logp = logp.gather(1, targets[:, None]).squeeze(1)
-            ranks = (logp > target_logp[:, None]).sum(dim=1) + 1
-            # Alternatives are text the writer could use: no control tokens such as <start_of_image>.
-            top_logp, top_ids = logp.index_fill(1, engine.stop_ids, float("-inf")).topk(alternatives, dim=-1)
-            for k, token_index in enumerate(range(start, end)):
-                s, e = spans[token_index]
-                nll = -target_logp[k].item()
-                total_nll += nll
-                scored_chars += e - s
-                results.append(
-                    {
-                        "text": text[s:e],
-                        "start": s,
-                        "end": e,
-                        "prob": math.exp(-nll),
-                        "rank": int(ranks[k]),
-                        "alternatives": [
-                            {"text": tokenizer.decode([int(i)]), "prob": math.exp(float(lp))}
-                            for lp, i in zip(top_logp[k].tolist(), top_ids[k].tolist())
-                        ],
-                    }
-                )
-            if on_progress is not None:
-                on_progress((n + 1) / len(windows))
+        # logits[k] predicts feed[k + 1]; the targets are ids[start:end].
+        offset = len(feed) - (end - start) - 1
+        logp = torch.log_softmax(logits[offset : offset + (end - start)], dim=-1)
+        targets = torch.tensor(ids[start:end], device=logp.device)
+        target_logp = logp.gather(1, targets[:, None]).squeeze(1)
+        ranks = (logp > target_logp[:, None]).sum(dim=1) + 1
+        # Alternatives are text the writer could use: no control tokens such as <start_of_image>.
+        top_logp, top_ids = logp.index_fill(1, engine.stop_ids, float("-inf")).topk(alternatives, dim=-1)
+        for k, token_index in enumerate(range(start, end)):
+            s, e = spans[token_index]
+            nll = -target_logp[k].item()
+            total_nll += nll
+            scored_chars += e - s
+            results.append(
+                {
+                    "text": text[s:e],
+                    "start": s,
+                    "end": e,
+                    "prob": math.exp(-nll),
+                    "rank": int(ranks[k]),
+                    "alternatives": [
+                        {"text": tokenizer.decode([int(i)]), "prob": math.exp(float(lp))}
+                        for lp, i in zip(top_logp[k].tolist(), top_ids[k].tolist())
+                    ],
+                }
+            )
+        if on_progress is not None:
+            on_progress((n + 1) / len(windows))
     count = sum(1 for r in results if r["prob"] is not None)
     return {
         "model": engine.name,

@@ -419,18 +419,19 @@ def _fresh_logits(engine, ids):
 
 def _assert_cache_matches_fresh(engine):
     """The engine's cached prefix gives the same logits and KV as prefilling it from scratch."""
-    ids = engine._prefix_ids
+    entry = engine.prefixes.latest()
+    ids = entry.ids
     fresh_logits, fresh_cache = _fresh_logits(engine, ids)
-    assert engine._prefix_cache.get_seq_length() == len(ids)
-    assert torch.allclose(engine._prefix_logits, fresh_logits, atol=1e-5, rtol=1e-4)
-    for ours, theirs in zip(engine._prefix_cache.layers, fresh_cache.layers):
+    assert entry.cache.get_seq_length() == len(ids)
+    assert torch.allclose(entry.logits, fresh_logits, atol=1e-5, rtol=1e-4)
+    for ours, theirs in zip(entry.cache.layers, fresh_cache.layers):
         assert torch.allclose(ours.keys, theirs.keys, atol=1e-5)
         assert torch.allclose(ours.values, theirs.values, atol=1e-5)
     # And one more step from either cache agrees too.
     import copy
 
     token = torch.tensor([5])
-    a = decode_step(engine.model, token, copy.deepcopy(engine._prefix_cache))
+    a = decode_step(engine.model, token, copy.deepcopy(entry.cache))
     b = decode_step(engine.model, token, fresh_cache)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
@@ -457,10 +458,11 @@ def test_same_text_reuses_the_whole_cache(engine):
 )
 def test_changed_text_prefills_only_new_tokens_and_matches_fresh(engine, before, after):
     settings = Settings(lengths=[4, 8], num_suggestions=2)
+    engine.prefixes.clear()  # only ``before`` is cached
     engine.suggest(before, settings, seed=0)
-    old = list(engine._prefix_ids)
+    old = list(engine.prefixes.latest().ids)
     result = engine.suggest(after, settings, seed=0)
-    new = engine._prefix_ids
+    new = engine.prefixes.latest().ids
     common = min(longest_common_prefix(old, new), len(new) - 1)
     assert common >= 1
     assert result.new_prompt_tokens == len(new) - common
@@ -499,7 +501,7 @@ def test_typing_at_the_end_of_a_long_document_reuses_cache(engine):
 def test_generation_does_not_touch_the_prefix_cache(engine):
     settings = Settings(lengths=[16, 32], num_suggestions=2, max_time=30)
     engine.suggest("The quick brown fox jumps", settings, seed=3)
-    ids = list(engine._prefix_ids)
+    ids = list(engine.prefixes.latest().ids)
     engine.suggest("The quick brown fox jumps", settings, seed=4)
-    assert engine._prefix_ids == ids
+    assert engine.prefixes.latest().ids == ids
     _assert_cache_matches_fresh(engine)

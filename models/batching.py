@@ -1,0 +1,184 @@
+"""KV caches for many Tab presses at once: prompt prefixes kept for reuse, and one batch for all.
+
+Two things live here, both plain transformers ``DynamicCache`` objects underneath:
+
+- ``PrefixStore`` keeps the batch-1 caches of the last few prompts. A writer who types on
+  reuses the cache of what they had typed before, even when other writers' presses came in
+  between (a single cache would be overwritten by each of them).
+- ``BatchKV`` is the cache of one decoding batch. Its rows may belong to different prompts
+  of different lengths: a press that arrives while others are decoding joins the batch at
+  the next step (continuous batching). The shorter side is left-padded and masked, and each
+  row keeps its own position, the way ``generate()`` runs a left-padded batch. Rows leave
+  as soon as they are finished, so the batch only ever holds work still to do.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from transformers import DynamicCache
+
+from models.steps import longest_common_prefix, prefill
+
+
+def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give a cache layer new tensors (only used while the cache is shorter than any sliding window)."""
+    if not layer.is_initialized:
+        layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they have seen
+        layer.cumulative_length = keys.shape[-2]
+
+
+def _left_pad(t: torch.Tensor, amount: int) -> torch.Tensor:
+    if amount <= 0:
+        return t
+    pad = t.new_zeros(t.shape[0], t.shape[1], amount, t.shape[3])
+    return torch.cat([pad, t], dim=-2)
+
+
+def copy_prefix(cache: DynamicCache, config, length: int) -> DynamicCache:
+    """A new cache holding the first ``length`` tokens of ``cache`` (which must fit every sliding window)."""
+    new = DynamicCache(config=config)
+    for src, dst in zip(cache.layers, new.layers):
+        _set_layer(dst, src.keys[..., :length, :].clone(), src.values[..., :length, :].clone())
+    return new
+
+
+class PrefixEntry:
+    def __init__(self, ids: list[int], cache: DynamicCache, logits: torch.Tensor):
+        self.ids, self.cache, self.logits = ids, cache, logits
+
+
+class PrefixStore:
+    """The batch-1 caches of the last ``size`` prompts, most recently used last."""
+
+    def __init__(self, model, config, limit: int, size: int = 8):
+        self.model, self.config, self.limit, self.size = model, config, limit, size
+        self._entries: OrderedDict[int, PrefixEntry] = OrderedDict()
+        self._keys = iter(range(1 << 62))
+
+    def latest(self) -> PrefixEntry | None:
+        return next(reversed(self._entries.values()), None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def prefill(self, ids: list[int], device) -> tuple[DynamicCache, torch.Tensor, int]:
+        """KV cache and last logits for ``ids``; returns also how many tokens had to be run.
+
+        The entry sharing the longest prefix with ``ids`` is reused: extended in place when the
+        writer typed on (its text is a prefix of the new one), copied up to the shared part
+        when the text changed further back, so another writer's entry is never cut short.
+        """
+        best_key, common = None, 0
+        for key, entry in self._entries.items():
+            c = longest_common_prefix(entry.ids, ids)
+            if c > common:
+                best_key, common = key, c
+        if len(ids) >= self.limit:  # too long to keep (or to crop inside a sliding window)
+            cache = DynamicCache(config=self.config)
+            return cache, prefill(self.model, torch.tensor([ids], device=device), cache), len(ids)
+        if best_key is not None:
+            entry = self._entries[best_key]
+            self._entries.move_to_end(best_key)
+            if common == len(ids) == len(entry.ids):
+                return entry.cache, entry.logits, 0
+            common = min(common, len(ids) - 1)  # at least one token must run to get logits
+            if common < len(entry.ids):
+                entry = PrefixEntry(ids[:common], copy_prefix(entry.cache, self.config, common), None)
+                best_key = next(self._keys)
+                self._entries[best_key] = entry
+        else:
+            entry, best_key = PrefixEntry([], DynamicCache(config=self.config), None), next(self._keys)
+            self._entries[best_key] = entry
+        logits = prefill(self.model, torch.tensor([ids[common:]], device=device), entry.cache)
+        entry.ids, entry.logits = list(ids), logits
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return entry.cache, logits, len(ids) - common
+
+
+class BatchKV:
+    """The KV cache of one decoding batch whose rows may come from different prompts.
+
+    ``limit`` is the longest a padded batch may grow: below a sliding window, its layers
+    hold every token, so rows can be padded, selected and trimmed freely. A prompt that
+    does not fit starts a batch of its own, which is never padded.
+    """
+
+    def __init__(self, config, limit: int):
+        self.config, self.limit = config, limit
+        self.cache: DynamicCache | None = None
+        self.width = 0  # tokens each row has room for (its own plus left padding)
+        self.mask: torch.Tensor | None = None  # [rows, width] 1 = a real token
+        self.positions: torch.Tensor | None = None  # [rows] position of each row's next token
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def fits(self, length: int, steps: int) -> bool:
+        """Whether a prompt of ``length`` tokens can join and run ``steps`` more, padding included."""
+        return self.rows == 0 or max(self.width, length) + steps <= self.limit
+
+    def add(self, prefix: DynamicCache, length: int, n: int) -> None:
+        """``n`` rows that continue the batch-1 ``prefix`` cache of ``length`` tokens (copied, never changed)."""
+        device = prefix.layers[0].keys.device
+        if self.rows == 0:
+            self.cache = copy.deepcopy(prefix)
+            self.cache.batch_repeat_interleave(n)
+            self.width = length
+            self.mask = torch.ones(n, length, dtype=torch.long, device=device)
+            self.positions = torch.full((n,), length, dtype=torch.long, device=device)
+            return
+        width = max(self.width, length)
+        for dst, src in zip(self.cache.layers, prefix.layers):
+            keys = _left_pad(src.keys.repeat_interleave(n, dim=0), width - length)
+            values = _left_pad(src.values.repeat_interleave(n, dim=0), width - length)
+            old_keys, old_values = _left_pad(dst.keys, width - self.width), _left_pad(dst.values, width - self.width)
+            _set_layer(dst, torch.cat([old_keys, keys]), torch.cat([old_values, values]))
+        new_mask = torch.ones(n, width, dtype=torch.long, device=device)
+        new_mask[:, : width - length] = 0
+        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (width - self.width, 0)), new_mask])
+        self.positions = torch.cat([self.positions, torch.full((n,), length, dtype=torch.long, device=device)])
+        self.width = width
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only these rows (in this order); drop columns that are now padding in every row."""
+        if not index:
+            self.cache, self.mask, self.positions, self.width = None, None, None, 0
+            return
+        if index == list(range(self.rows)):
+            return
+        select = torch.tensor(index, device=self.mask.device)
+        self.cache.batch_select_indices(select)
+        self.mask, self.positions = self.mask[select], self.positions[select]
+        real = self.mask.any(dim=0).nonzero()
+        lead = int(real[0]) if len(real) else 0
+        if lead > 0:  # only a padded batch has such columns, and it is shorter than any window
+            for layer in self.cache.layers:
+                _set_layer(layer, layer.keys[..., lead:, :], layer.values[..., lead:, :])
+            self.mask, self.width = self.mask[:, lead:], self.width - lead
+
+    @torch.inference_mode()
+    def step(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row; returns the next-token logits [rows, V]."""
+        padded = not bool(self.mask.all())
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask if padded else None,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.positions = self.positions + 1
+        self.width += 1
+        return out.logits[:, -1, :]

@@ -1,0 +1,191 @@
+"""Many presses in one forward pass: padded batches, kept prefixes, the engine's worker.
+
+Tiny random-weight models built here (Llama, GPT-2, and a Gemma 3 with a short sliding
+window), so a batch of rows from different prompts can be checked against each prompt run
+alone: left padding, per-row positions and dropping rows must not change a single logit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+from models.batching import BatchKV, PrefixStore
+from models.settings import Settings
+from models.steps import decode_step, prefill
+from tests.unit.test_engine_logic import build_tokenizer, wrap
+
+VOCAB = 300
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        )
+        return transformers.LlamaForCausalLM(config).eval()
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=256)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=48, max_position_embeddings=256,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+def solo(model, prompt: list[int], fed: list[int]) -> list[torch.Tensor]:
+    """Logits of ``prompt`` then each token of ``fed``, one prompt alone (no padding)."""
+    cache = DynamicCache(config=model.config)
+    out = [prefill(model, torch.tensor([prompt]), cache)[0]]
+    for t in fed:
+        out.append(decode_step(model, torch.tensor([t]), cache)[0])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
+def test_padded_batch_of_different_prompts_matches_each_alone(kind):
+    model = tiny(kind)
+    g = torch.Generator().manual_seed(1)
+    short = torch.randint(3, VOCAB, (5,), generator=g).tolist()
+    long = torch.randint(3, VOCAB, (13,), generator=g).tolist()
+    fed = torch.randint(3, VOCAB, (3, 6), generator=g)  # tokens fed to rows 0, 1 (short) and 2 (long)
+    kv = BatchKV(model.config, limit=40)
+    caches = {}
+    for prompt in (short, long):
+        caches[len(prompt)] = DynamicCache(config=model.config)
+        prefill(model, torch.tensor([prompt]), caches[len(prompt)])
+    kv.add(caches[5], 5, 2)  # the short prompt starts the batch, the long one joins it
+    assert kv.fits(13, 6)
+    kv.add(caches[13], 13, 1)
+    assert kv.width == 13 and kv.mask[:2].sum() == 10 and kv.mask[2].sum() == 13
+    got = []
+    for step in range(4):
+        got.append(kv.step(model, fed[:, step]))
+    # The long prompt's row leaves: its columns of padding in the short rows are trimmed away.
+    kv.keep([0, 1])
+    assert kv.width == 5 + 4 and bool(kv.mask.all())
+    for step in range(4, 6):
+        got.append(kv.step(model, fed[:2, step]))
+    for row, prompt in [(0, short), (1, short), (2, long)]:
+        expected = solo(model, prompt, fed[row].tolist())
+        steps = range(6) if row < 2 else range(4)
+        for step in steps:
+            assert torch.allclose(got[step][row], expected[step + 1], atol=1e-4, rtol=1e-4), (kind, row, step)
+    # The prompt caches the batch was built from are untouched.
+    assert caches[5].get_seq_length() == 5 and caches[13].get_seq_length() == 13
+
+
+def test_batch_refuses_to_grow_past_its_limit():
+    model = tiny("gemma3")
+    kv = BatchKV(model.config, limit=47)
+    cache = DynamicCache(config=model.config)
+    prefill(model, torch.tensor([list(range(3, 23))]), cache)
+    assert kv.fits(60, 100)  # an empty batch takes anything (it is never padded)
+    kv.add(cache, 20, 1)
+    assert kv.fits(20, 27) and not kv.fits(20, 28) and not kv.fits(40, 8)
+
+
+def test_prefix_store_keeps_each_writers_prefix():
+    model = tiny("llama")
+    store = PrefixStore(model, model.config, limit=200, size=3)
+    a = list(range(10, 40))
+    b = list(range(100, 130))
+    _, _, n = store.prefill(a, "cpu")
+    assert n == 30
+    _, _, n = store.prefill(b, "cpu")
+    assert n == 30
+    _, _, n = store.prefill(a + [41, 42], "cpu")  # writer A typed on, after B's press
+    assert n == 2
+    _, _, n = store.prefill(b[:20] + [7, 8], "cpu")  # B edited further back: a copy, B's own entry stays
+    assert n == 2
+    _, logits, n = store.prefill(b, "cpu")
+    assert n == 0
+    fresh = DynamicCache(config=model.config)
+    assert torch.allclose(logits, prefill(model, torch.tensor([b]), fresh), atol=1e-5)
+    assert len(store) == 3
+    store.prefill(list(range(200, 230)), "cpu")
+    assert len(store) == 3  # least recently used entry dropped
+
+
+# ---------------------------------------------------------------- the engine's worker
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return wrap(transformers.LlamaForCausalLM(config), tok)
+
+
+TEXTS = ["The quick brown fox", "我们今天去公园散步，天气很好。然后", "She said that the weather would", "hello 世界 and"]
+
+
+def test_presses_arriving_together_share_forward_passes_and_match_alone(engine):
+    settings = Settings(lengths=[6, 12, 24], num_suggestions=3, max_time=30)
+    alone = [engine.suggest(text, settings, seed=i).texts for i, text in enumerate(TEXTS)]
+    results: dict[int, object] = {}
+
+    def press(i: int) -> None:
+        results[i] = engine.suggest(TEXTS[i], settings, seed=i)
+
+    # Hold the model while all four presses queue up, so the worker takes them together.
+    with engine.lock:
+        threads = [threading.Thread(target=press, args=(i,)) for i in range(len(TEXTS))]
+        for t in threads:
+            t.start()
+        until = time.monotonic() + 10
+        while time.monotonic() < until and len(engine._waiting) + sum(len(g.presses()) for g in engine._groups) < 3:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=60)
+    assert all(not t.is_alive() for t in threads)
+    assert max(r.peak_batch for r in results.values()) >= 3
+    # Sharing a batch (padding, other rows joining and leaving) changes nothing in what each gets.
+    assert [results[i].texts for i in range(len(TEXTS))] == alone
+
+
+def test_a_failing_press_does_not_stop_the_others(engine):
+    settings = Settings(lengths=[4, 8], num_suggestions=2, max_time=30)
+
+    def broken_cancel_check():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.suggest("The quick brown fox", settings, is_cancelled=broken_cancel_check)
+    result = engine.suggest("The quick brown fox", settings, seed=0)
+    assert result.steps > 0 and not result.cancelled and engine._worker is not None
+    assert result.texts == engine.suggest("The quick brown fox", settings, seed=0).texts
+
+
+def test_cancelled_press_leaves_the_batch_and_others_finish(engine):
+    settings = Settings(lengths=[40], num_suggestions=2, max_time=30)
+    stop = threading.Event()
+    results = {}
+
+    def long_press():
+        results["long"] = engine.suggest("The quick brown fox", settings, is_cancelled=stop.is_set, seed=1)
+
+    t = threading.Thread(target=long_press)
+    with engine.lock:
+        t.start()
+        time.sleep(0.05)
+    other = engine.suggest("I went to the store", Settings(lengths=[4], num_suggestions=1), seed=2)
+    stop.set()
+    t.join(timeout=30)
+    assert other.suggestions and not other.cancelled
+    assert results["long"].cancelled or results["long"].steps < 60
+    assert not engine._groups or all(g.presses() for g in engine._groups)
