@@ -139,6 +139,7 @@ class _Press:
     result: SuggestResult
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    abandoned: bool = False  # the caller went away (e.g. the browser disconnected)
     # Filled in when the press joins a batch:
     context: list[int] = field(default_factory=list)
     healed_text: str = ""
@@ -255,7 +256,14 @@ class SuggestionEngine:
         is_cancelled: Callable[[], bool] = lambda: False,
         seed: int | None = None,
         on_update: Callable[[list[Suggestion]], None] | None = None,
+        caller_gone: Callable[[], bool] | None = None,
     ) -> SuggestResult:
+        """Sample suggestions for the end of ``text``; blocks until they are ready.
+
+        ``is_cancelled`` is asked by the worker between steps; ``caller_gone`` is asked from
+        this (the calling) thread about every 0.2 s, for checks that only work here, such as
+        whether the HTTP client is still connected. Either one cancels the press.
+        """
         started = time.perf_counter()
         result = SuggestResult()
         text = clean_prompt(text or "")
@@ -277,7 +285,9 @@ class SuggestionEngine:
                 self._worker = threading.Thread(target=self._serve, name=f"tabwrite-{self.name}", daemon=True)
                 self._worker.start()
             self._wakeup.notify()
-        press.done.wait()
+        while not press.done.wait(timeout=0.2):
+            if caller_gone is not None and not press.abandoned and caller_gone():
+                press.abandoned = True  # the worker sees it before its next step
         if press.error is not None:
             if isinstance(press.error, torch.OutOfMemoryError):  # type: ignore[attr-defined]
                 raise EngineError("the model ran out of memory; try a shorter context or a smaller model") from press.error
@@ -322,7 +332,7 @@ class SuggestionEngine:
     def _admit(self, press: _Press) -> None:
         """Prefill a press's prompt (reusing a cached prefix) and add its rows to a batch."""
         result, settings = press.result, press.settings
-        if press.is_cancelled():
+        if press.abandoned or press.is_cancelled():
             result.cancelled = True
             press.done.set()
             return
@@ -417,7 +427,7 @@ class SuggestionEngine:
             press.on_update(self._collect(press.finals, press.rows, press.logp))  # for streaming: rows done so far
         if all(f is not None for f in press.finals) or result.steps >= press.max_steps:
             pass
-        elif press.is_cancelled():
+        elif press.abandoned or press.is_cancelled():
             result.cancelled = True
         # Stop early enough that the next step (about as long as the last one) fits the budget.
         elif time.perf_counter() >= press.deadline:

@@ -189,3 +189,20 @@ def test_cancelled_press_leaves_the_batch_and_others_finish(engine):
     assert other.suggestions and not other.cancelled
     assert results["long"].cancelled or results["long"].steps < 60
     assert not engine._groups or all(g.presses() for g in engine._groups)
+
+
+def test_press_whose_caller_went_away_is_cancelled(engine):
+    settings = Settings(lengths=[200], num_suggestions=3, max_time=30)
+    asked = []
+
+    def gone() -> bool:  # asked from the calling thread while the press waits or runs
+        asked.append(threading.current_thread())
+        return True
+
+    holder = threading.Thread(target=lambda: (engine.lock.acquire(), time.sleep(0.6), engine.lock.release()))
+    holder.start()
+    time.sleep(0.05)
+    result = engine.suggest("The quick brown fox", settings, caller_gone=gone)
+    holder.join()
+    assert result.cancelled and result.steps == 0 and not result.suggestions
+    assert asked and set(asked) == {threading.current_thread()}
