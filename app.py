@@ -3,6 +3,7 @@
     python app.py                      # embedded Gemma 3 270M on http://127.0.0.1:7860
     python app.py --model smollm2-135m # the smaller embedded model
     python app.py --model gpt2         # any hub id (where the hub is reachable), folder or .gguf
+    python app.py --backend openai --endpoint http://gpu-box:8000   # the model runs on vLLM / TGI / llama.cpp
 """
 
 from __future__ import annotations
@@ -20,8 +21,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="tabwrite: a Tab-completion editor on a local language model")
     parser.add_argument(
         "--model",
-        default=os.environ.get("TABWRITE_MODEL", DEFAULT_MODEL),
-        help=f"{', '.join(EMBEDDED)}, a hub id, a model folder or a .gguf file (default: {DEFAULT_MODEL})",
+        default=os.environ.get("TABWRITE_MODEL"),
+        help=f"{', '.join(EMBEDDED)}, a hub id, a model folder or a .gguf file (default: {DEFAULT_MODEL}); "
+        "with --backend openai, the server's model id (default: the first it lists)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["local", "openai"],
+        default=os.environ.get("TABWRITE_BACKEND", "local"),
+        help="local: run the model in this process (default); openai: send the requests to --endpoint",
+    )
+    parser.add_argument(
+        "--endpoint",
+        default=os.environ.get("TABWRITE_ENDPOINT"),
+        help="URL of an OpenAI-compatible completions server (vLLM, TGI, llama.cpp), e.g. http://127.0.0.1:8000; "
+        "an API key, if it needs one, goes in $TABWRITE_API_KEY",
     )
     # On Spaces GRADIO_SERVER_NAME is set to 0.0.0.0; locally we stay on loopback.
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -32,15 +46,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.backend not in ("local", "openai"):  # from $TABWRITE_BACKEND, which argparse does not check
+        print(f"tabwrite: unknown backend '{args.backend}' (use local or openai)", file=sys.stderr)
+        return 2
     from editor.service import SuggestService
     from editor.ui import build_demo
+    from models.engine import EngineError
     from models.loading import ModelLoadError
-    from models.registry import ModelNotFound
+    from models.registry import DEFAULT_MODEL, ModelNotFound
 
-    service = SuggestService(args.model)
     try:
+        if args.backend == "openai":
+            from models.remote import OpenAICompletionsBackend
+
+            # Ask the server for its models and what it supports before serving.
+            backend = OpenAICompletionsBackend.connect(args.endpoint, args.model, os.environ.get("TABWRITE_API_KEY"))
+            service = SuggestService(backend.model, backend=backend)
+            print(f"[tabwrite] {backend.endpoint}: {backend.features.describe()}", file=sys.stderr, flush=True)
+        else:
+            service = SuggestService(args.model or DEFAULT_MODEL)
         engine = service.engine()  # load (and on first start, convert) before serving
-    except (ModelNotFound, ModelLoadError) as e:
+    except (ModelNotFound, ModelLoadError, EngineError) as e:
         print(f"tabwrite: {e}", file=sys.stderr)
         return 2
     print(f"[tabwrite] model {engine.name} ready on {engine.device.type}", file=sys.stderr, flush=True)

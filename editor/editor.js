@@ -183,6 +183,7 @@ function render() {
     conf.className = "tw-conf";
     const confidence = Math.exp(Math.max(-6, Math.min(0, item.logprob || 0)));
     conf.title = `mean token probability ${(confidence * 100).toFixed(0)}%`;
+    conf.hidden = item.logprob === null; // a model server that reports no probabilities
     const bar = document.createElement("span");
     bar.style.width = `${Math.round(confidence * 100)}%`;
     conf.appendChild(bar);
@@ -506,7 +507,9 @@ function showTip(span) {
   if (!token) return;
   const head = document.createElement("div");
   const shown = JSON.stringify(token.text);
-  head.textContent = token.rank ? `${shown}: p = ${percent(token.prob)} · rank ${token.rank}` : `${shown}: first token (no context)`;
+  head.textContent = token.rank ? `${shown}: p = ${percent(token.prob)} · rank ${token.rank}`
+    : token.rank_above ? `${shown}: p = ${percent(token.prob)} · rank > ${token.rank_above}` // a server lists only the top few
+    : `${shown}: first token (no context)`;
   const items = (token.alternatives || []).map((alt) => {
     const button = document.createElement("button");
     button.type = "button";

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -27,8 +28,10 @@ MAX_SESSIONS = 1000
 
 
 class SuggestService:
-    def __init__(self, default_model: str):
+    def __init__(self, default_model: str, backend=None):
         self.default_model = default_model
+        # A model server (models/remote.py's OpenAICompletionsBackend) that runs the models instead of this process.
+        self.backend = backend
         self._engines: dict[int, SuggestionEngine] = {}
         self._engines_lock = threading.Lock()
         self._sessions: OrderedDict[str, dict] = OrderedDict()
@@ -40,6 +43,8 @@ class SuggestService:
 
     def engine(self, model: str | None = None) -> SuggestionEngine:
         """The engine for ``model`` (loads it on first use; raises ModelNotFound/ModelLoadError)."""
+        if self.backend is not None:
+            return self.backend.for_model(model or self.default_model)
         loaded = loading.load(model or self.default_model)
         with self._engines_lock:
             engine = self._engines.get(id(loaded))
@@ -170,4 +175,5 @@ class SuggestService:
 
 
 def _plain(found) -> list[dict]:
-    return [{"text": s.text, "logprob": round(s.mean_logprob, 3)} for s in found]
+    # A server that reports no log-probabilities gives nan: no confidence bar then.
+    return [{"text": s.text, "logprob": round(s.mean_logprob, 3) if math.isfinite(s.mean_logprob) else None} for s in found]

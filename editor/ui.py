@@ -12,6 +12,7 @@ import gradio as gr
 from editor.documents import DocumentError, DocumentStore
 from editor.service import SuggestService
 from models import loading, scoring
+from models.engine import EngineError
 from models.registry import EMBEDDED, ModelNotFound
 from models.settings import LIMITS, Settings, validate
 
@@ -135,7 +136,8 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             service.update_settings(_session_of(request), entry["model"], raw)
             return f"⚠️ {e}. Still using **{entry['model']}**."
         settings, notes = service.update_settings(_session_of(request), model, raw)
-        device = f"{engine.device.type} · {str(engine.loaded.dtype).split('.')[-1]}"
+        loaded = getattr(engine, "loaded", None)  # None for a model on a server (models/remote.py)
+        device = engine.device.type + (f" · {str(loaded.dtype).split('.')[-1]}" if loaded is not None else "")
         text = (
             f"Model **{engine.name}** ready ({device}). Temperature {settings.temperature:g} · top-k {settings.top_k}"
             f" · top-p {settings.top_p:g} · lengths {'/'.join(map(str, settings.lengths))} · ≤ {settings.max_time:g} s per Tab."
@@ -159,11 +161,18 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         )
         try:
             _, result = service.suggest(text or "", settings, model or None)
-        except (ModelNotFound, loading.ModelLoadError) as e:
+        except (ModelNotFound, loading.ModelLoadError, EngineError) as e:
             raise gr.Error(str(e)) from None
         if not result.suggestions and result.message:
             raise gr.Error(result.message)
         return result.texts
+
+    if service.backend is not None:  # the models run on a server (app.py --backend openai)
+        model_choices = [(name, name) for name in service.backend.models]
+        model_info = f"A model on the server at {service.backend.endpoint}."
+    else:
+        model_choices = [(f"{name} — {desc}", name) for name, (desc, _) in EMBEDDED.items()]
+        model_info = "An embedded model, a hub id (e.g. gpt2), a local folder or a .gguf path."
 
     with gr.Blocks(title="tabwrite") as demo:
         gr.Markdown("## tabwrite\nWrite, press **Tab**, pick a continuation with the arrows and **Enter**.")
@@ -189,11 +198,11 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             with gr.Column(scale=1, min_width=260):
                 with gr.Accordion("Settings", open=True):
                     model = gr.Dropdown(
-                        choices=[(f"{name} — {desc}", name) for name, (desc, _) in EMBEDDED.items()],
+                        choices=model_choices,
                         value=service.default_model,
                         allow_custom_value=True,
                         label="Model",
-                        info="An embedded model, a hub id (e.g. gpt2), a local folder or a .gguf path.",
+                        info=model_info,
                         elem_id="model",
                     )
                     temperature = gr.Slider(*LIMITS["temperature"], value=DEFAULTS.temperature, step=0.05, label="Temperature")

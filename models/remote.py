@@ -1,0 +1,814 @@
+"""Suggestions from a model that runs on a serving engine: any OpenAI-compatible completions server.
+
+    python app.py --backend openai --endpoint http://gpu-box:8000   # vLLM, TGI, llama.cpp's server
+
+``OpenAICompletionsBackend`` stands in for models/engine.py's ``SuggestionEngine`` where the
+service and the page use it (``name``, ``device.type``, ``suggest`` -> ``SuggestResult``), so
+the editor's features stay what they are:
+
+- **increasing lengths**: the rows are sampled with the press's temperature, top-k and top-p and
+  cut into suggestions exactly as the local engine cuts them (a newline ends a row; a row stops
+  at a word / CJK boundary once it has its target number of tokens, or at its hard cap);
+- **one request or one per row**: a server that returns ``n`` choices for one request (vLLM,
+  OpenAI) samples all rows together; one that ignores or refuses ``n`` (llama.cpp's servers,
+  TGI) gets one request per row, shortest first, each with its own ``max_tokens``;
+- **streaming**: the answer is read as server-sent events and ``on_update`` gets the rows done so far;
+- **time budget and cancel**: the connection is closed when the budget is spent or the writer
+  typed on (checked between chunks and every 50 ms); closing it frees the server's slot;
+- **errors**: refused connections, HTTP errors and malformed answers become one-line
+  ``EngineError``s that name the endpoint.
+
+What a server supports is learnt once, at start, from a few 8-token requests (``probe``): whether it
+honours ``n``, whether it accepts the non-standard sampling fields ``top_k`` and ``min_tokens``,
+and whether it returns log-probabilities at little cost (llama-cpp-python's server sorts the
+whole vocabulary in Python for each token it reports them for: 20x slower on Gemma's 262k
+tokens, so there suggestions come without the confidence bar and the perplexity view says why).
+
+Only the standard library is used (http.client, one reader thread per request).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import queue
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Callable
+
+from models import textcut
+from models.engine import EngineError, Suggestion, SuggestResult, clean_prompt
+from models.registry import ModelNotFound
+from models.settings import Settings, targets
+
+EMPTY_TEXT = "Type a few words first, then press Tab."
+NOTHING_TO_ADD = "The model had nothing to add here; try Tab again or write a little more."
+NO_PROMPT_LOGPROBS = "The perplexity view needs a local model or a server that returns prompt logprobs"
+
+_CHARS_PER_TOKEN = 4  # for cutting the prompt without the server's tokenizer (a CJK character counts 1 token)
+_POLL_S = 0.05  # how often a waiting request checks the time budget and cancellation
+_CONNECT_TIMEOUT_S = 10.0
+_SCORE_TIMEOUT_S = 120.0  # per scoring window
+_SCORE_WINDOW_CHARS = 2000  # text scored per request (about 500 tokens, like models/scoring.py's windows)
+_SCORE_CONTEXT_CHARS = 256  # text of the previous window re-read as context
+_SCORE_MAX_CHARS = 16000  # longer documents: their end is scored (about scoring.MAX_TOKENS tokens)
+_RANKS_KNOWN = 10  # top log-probabilities asked per scored token: ranks up to this are exact
+# Markup a model may spell out as text; it ends a suggestion, as the engine's control tokens do.
+_CONTROL = re.compile(r"<(?:start|end)_of_[a-z_]+>|<(?:bos|eos|pad|unk|mask)>|</s>|<\|[a-z_]+\|>")
+
+
+def _hard_cap(target: int) -> int:
+    """Tokens after which a row stops even mid-word (the local engine's rule)."""
+    return target + max(4, target // 2)
+
+
+def _finished(previous: str, text: str, count: int, target: int) -> str | None:
+    """A row's final text if it should stop now, else None (the local engine's rule, on streamed text)."""
+    newline = text.find("\n", len(text) - len(text.lstrip()))
+    if newline > 0 and text[:newline].strip():
+        return text[:newline].rstrip()  # a suggestion stays on the writer's line
+    if count >= target and textcut.starts_new_unit(previous, text[len(previous):]):
+        return textcut.complete_prefix(text)
+    if count >= _hard_cap(target):
+        return textcut.complete_prefix(text) or text
+    return None
+
+
+def cut_prompt(text: str, context_tokens: int) -> tuple[str, bool]:
+    """The end of ``text`` worth about ``context_tokens`` tokens, and whether anything was cut.
+
+    Without the server's tokenizer a token is taken to be 4 characters, or one CJK character.
+    Like the engine's window, the start moves in quarter-window steps (the server's prefix
+    cache then keeps hitting while the writer types) and then on to the next word.
+    """
+    cost, i = 0.0, len(text)
+    while i > 0:
+        step = 1.0 if textcut.is_cjk(text[i - 1]) else 1.0 / _CHARS_PER_TOKEN
+        if cost + step > context_tokens:
+            break
+        cost, i = cost + step, i - 1
+    if i == 0:
+        return text, False
+    max_chars = len(text) - i
+    step_chars = max(1, max_chars // 4)
+    start = min(len(text), math.ceil(i / step_chars) * step_chars)
+    space = re.search(r"\s", text[start : start + 64])
+    if space is not None:
+        start += space.end()  # do not begin with half a word
+    return text[start:], True
+
+
+def _split_blanks(prompt: str) -> tuple[str, str]:
+    """The prompt without the writer's trailing blanks, and those blanks.
+
+    A model writes the space before a word itself (" lazy"); a prompt that ends in a space makes
+    it start oddly (a second space, a split word). The local engine heals the last token; here
+    the blanks are taken off the prompt and off the start of each continuation instead.
+    """
+    stripped = prompt.rstrip(" \t")
+    if not stripped or stripped.endswith("\n"):
+        return prompt, ""
+    return stripped, prompt[len(stripped):]
+
+
+class _Row:
+    """One suggestion being streamed: its text so far, tokens, log-probability, final text once done."""
+
+    def __init__(self, target: int, blanks: str):
+        self.target, self.cap, self.blanks = target, _hard_cap(target), blanks
+        self.raw, self.text, self.tokens = "", "", 0
+        self.logprob, self.scored = 0.0, 0
+        self.final: str | None = None
+
+    def _visible(self) -> str:
+        raw = self.raw.lstrip(" \t") if self.blanks else self.raw  # the writer already typed the blank
+        return textcut.clean_control(textcut.utf8_safe(raw))
+
+    def add(self, piece: str, tokens: int, logprobs: list) -> None:
+        previous = self.text
+        self.raw += piece
+        self.tokens += tokens
+        for value in logprobs:
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.logprob, self.scored = self.logprob + value, self.scored + 1
+        self.text = self._visible()
+        control = _CONTROL.search(self.text)
+        if control is not None:
+            self.text = self.text[: control.start()]
+            self.final = self.text  # like the engine's stop tokens: the row ends before it
+        else:
+            self.final = _finished(previous, self.text, self.tokens, self.target)
+
+    def end(self, reason: str | None) -> None:
+        """The server ended the row: "stop" (end of text), "length" (max_tokens), None (cut off)."""
+        if self.final is None:
+            self.final = self.text if reason == "stop" else (textcut.complete_prefix(self.text) or self.text)
+
+    def suggestion(self) -> Suggestion:
+        mean = self.logprob / self.scored if self.scored else float("nan")  # nan: the server gave none
+        return Suggestion(self.final.rstrip(" \t"), self.tokens, mean)
+
+
+def _either(is_cancelled: Callable[[], bool], caller_gone: Callable[[], bool]) -> Callable[[], bool]:
+    """``is_cancelled``, or ``caller_gone`` asked at most every 0.2 s (it may cost a system call)."""
+    asked = [0.0]
+
+    def check() -> bool:
+        if is_cancelled():
+            return True
+        now = time.perf_counter()
+        if now - asked[0] < 0.2:
+            return False
+        asked[0] = now
+        return bool(caller_gone())
+
+    return check
+
+
+def _collect(rows: list[_Row]) -> list[Suggestion]:
+    """The finished, non-empty rows as suggestions, shortest first."""
+    found = [row.suggestion() for row in rows if row.final is not None and row.final.strip()]
+    return sorted(found, key=lambda s: len(s.text))
+
+
+class ServerAnswerError(EngineError):
+    """The server answered with an HTTP error (as opposed to not answering at all)."""
+
+
+@dataclass(frozen=True)
+class RemoteDevice:
+    """What the status line shows where a local engine shows "cpu" or "cuda": the server's host."""
+
+    type: str
+
+
+@dataclass
+class ServerFeatures:
+    """What the server does with the request fields beyond the basic ones (learnt by ``probe``)."""
+
+    choices: bool = True  # honours n > 1 in one request
+    sampling_extras: bool = True  # accepts top_k and min_tokens
+    logprobs: bool = True  # returns logprobs, and at little cost
+    note: str = ""  # why logprobs are off, for the start-up line
+
+    def describe(self) -> str:
+        parts = [
+            "n choices per request" if self.choices else "one request per suggestion",
+            "top_k" if self.sampling_extras else "no top_k",
+            "logprobs" if self.logprobs else f"no logprobs{f' ({self.note})' if self.note else ''}",
+        ]
+        return ", ".join(parts)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _server_message(status: int, body: bytes) -> str:
+    """The error message in a server's JSON error answer (OpenAI, vLLM, TGI, FastAPI shapes)."""
+    try:
+        data = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        data = None
+    message = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        message = (error.get("message") if isinstance(error, dict) else error) or data.get("message") or data.get("detail")
+    if not message:
+        message = body.decode("utf-8", "replace").strip() or http.client.responses.get(status, "")
+    # Servers put stack traces after the message (llama-cpp-python): the first line is the message.
+    return _one_line(str(message).strip().splitlines()[0] if str(message).strip() else "")
+
+
+class _Stream:
+    """One streaming POST, read by a thread into ``events``.
+
+    Events: ("chunk", dict), ("done", None) after ``data: [DONE]``, ("eof", None) when the
+    connection ends without it, ("error", EngineError).
+    """
+
+    def __init__(self, backend: "OpenAICompletionsBackend", path: str, body: dict, timeout: float):
+        self.events: queue.Queue = queue.Queue()
+        self._backend = backend
+        self._closed = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(path, body, timeout), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: str, body: dict, timeout: float) -> None:
+        backend = self._backend
+        conn = None
+        try:
+            conn = backend._connection(timeout)
+            conn.connect()
+            with self._lock:
+                if self._closed:
+                    return
+                self._sock = conn.sock
+            conn.request("POST", path, body=json.dumps(body).encode("utf-8"), headers=backend._headers(stream=True))
+            response = conn.getresponse()
+            if response.status >= 400:
+                message = _server_message(response.status, response.read(4000))
+                self._put("error", backend._http_error(path, response.status, message))
+                return
+            data: list[bytes] = []
+            while True:
+                line = response.readline()
+                if not line:
+                    if not (data and self._dispatch(b"\n".join(data))):
+                        self._put("eof", None)  # closed without [DONE]: the server failed mid-stream
+                    return
+                line = line.rstrip(b"\r\n")
+                if line.startswith(b"data:"):
+                    data.append(line[5:].lstrip(b" "))
+                elif not line and data:
+                    if self._dispatch(b"\n".join(data)):
+                        return
+                    data = []
+                # anything else (": ping", "event: ...") is not data
+        except EngineError as e:
+            self._put("error", e)
+        except Exception as e:  # OSError, HTTPException, ...: one line for the writer
+            self._put("error", backend._connection_error(e))
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _dispatch(self, data: bytes) -> bool:
+        """Queue one event; True when the stream is over."""
+        if data.strip() == b"[DONE]":
+            self._put("done", None)
+            return True
+        try:
+            chunk = json.loads(data.decode("utf-8"))
+        except ValueError:
+            self._put("error", self._backend._malformed())
+            return True
+        if not isinstance(chunk, dict) or "error" in chunk:
+            error = chunk.get("error") if isinstance(chunk, dict) else None
+            message = error.get("message") if isinstance(error, dict) else error
+            if message:
+                self._put("error", EngineError(f"the model server at {self._backend.endpoint} failed: {_one_line(message)}"))
+            else:
+                self._put("error", self._backend._malformed())
+            return True
+        self._put("chunk", chunk)
+        return False
+
+    def _put(self, kind: str, payload) -> None:
+        if not self._closed:
+            self.events.put((kind, payload))
+
+    def close(self) -> None:
+        """Stop reading and drop the connection (the server then stops generating for it)."""
+        with self._lock:
+            self._closed = True
+            sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread at once
+            except OSError:
+                pass
+
+
+class OpenAICompletionsBackend:
+    """A model served by an OpenAI-compatible ``/v1/completions`` endpoint, used like a SuggestionEngine."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        models: list[str] | None = None,
+        api_key: str | None = None,
+        features: ServerFeatures | None = None,
+    ):
+        self.endpoint, self._scheme, self._host, self._port, self._base = self.parse_endpoint(endpoint)
+        self.model = model
+        self.models = list(models or [model])
+        self._api_key = api_key or None
+        self.features = features or ServerFeatures()
+        self.device = RemoteDevice(f"{self._host}:{self._port}")
+        self._siblings: dict[str, OpenAICompletionsBackend] = {model: self}
+
+    # -- what the service and the page use
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    def __repr__(self) -> str:  # never shows the API key
+        return f"OpenAICompletionsBackend({self.endpoint!r}, model={self.model!r})"
+
+    @classmethod
+    def connect(
+        cls, endpoint: str, model: str | None = None, api_key: str | None = None, logprobs: bool | None = None
+    ) -> "OpenAICompletionsBackend":
+        """Ask the server which models it serves, pick one, and learn what it supports.
+
+        ``model``: the server's model id to use (default: the first it lists). ``logprobs``:
+        None decides by measuring (on where they cost little), True / False forces them.
+        Raises EngineError with one line when the server cannot be used.
+        """
+        backend = cls(endpoint, model or "")
+        served = backend.list_models()
+        if model:
+            if served and model not in served:
+                raise EngineError(
+                    f"the model server at {backend.endpoint} serves {', '.join(served)}, not '{model}' (see --model)"
+                )
+        elif served:
+            model = served[0]
+        else:
+            raise EngineError(f"the model server at {backend.endpoint} lists no model; name one with --model")
+        backend = cls(endpoint, model, served or [model], api_key)
+        backend.features = backend.probe(logprobs)
+        return backend
+
+    def for_model(self, model: str | None) -> "OpenAICompletionsBackend":
+        """The backend for another model on the same server (the settings panel's model box)."""
+        model = (model or "").strip() or self.model
+        if model not in self._siblings:
+            if model not in self.models:
+                raise ModelNotFound(f"the model server at {self.endpoint} serves {', '.join(self.models)}, not '{model}'")
+            sibling = OpenAICompletionsBackend(self.endpoint, model, self.models, self._api_key, self.features)
+            sibling._siblings = self._siblings
+            self._siblings[model] = sibling
+        return self._siblings[model]
+
+    # -- HTTP
+
+    @staticmethod
+    def parse_endpoint(endpoint: str) -> tuple[str, str, str, int, str]:
+        """(shown endpoint, scheme, host, port, base path) of a URL given with or without /v1."""
+        raw = (endpoint or "").strip()
+        if not raw:
+            raise EngineError("no model server endpoint given (--endpoint URL or $TABWRITE_ENDPOINT)")
+        if "://" not in raw:
+            raw = "http://" + raw
+        parts = urllib.parse.urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EngineError(f"the endpoint must be an http:// or https:// URL, not {_one_line(endpoint, 80)!r}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise EngineError(f"the endpoint {_one_line(endpoint, 80)!r} has an invalid port") from None
+        base = parts.path.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        shown = f"{parts.scheme}://{host}:{port}{base}"  # no user:password@, no query
+        return shown, parts.scheme, parts.hostname, port, base
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._scheme == "https":
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=ssl.create_default_context())
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _headers(self, stream: bool = False) -> dict:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _connection_error(self, e: Exception) -> EngineError:
+        if isinstance(e, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(e, socket.gaierror):
+            why = "unknown host"
+        elif isinstance(e, (socket.timeout, TimeoutError)):
+            why = "no answer in time"
+        elif isinstance(e, OSError):
+            why = e.strerror or type(e).__name__
+        else:
+            why = f"{type(e).__name__}: {_one_line(e, 120)}"
+        return EngineError(f"cannot reach the model server at {self.endpoint} ({why})")
+
+    def _http_error(self, path: str, status: int, message: str) -> EngineError:
+        return ServerAnswerError(f"the model server at {self.endpoint} answered {status} to {path}: {message}")
+
+    def _malformed(self) -> EngineError:
+        return EngineError(f"the model server at {self.endpoint} sent an answer that is not an OpenAI completions stream")
+
+    def _request_json(self, method: str, path: str, body: dict | None = None, timeout: float = _CONNECT_TIMEOUT_S):
+        """One plain request; returns (status, decoded JSON or None)."""
+        conn = self._connection(timeout)
+        try:
+            conn.request(
+                method, self._base + path, body=None if body is None else json.dumps(body).encode("utf-8"), headers=self._headers()
+            )
+            response = conn.getresponse()
+            payload = response.read()
+        except Exception as e:
+            raise self._connection_error(e) from None
+        finally:
+            conn.close()
+        if response.status >= 400:
+            if response.status == 404 and method == "GET":
+                return response.status, None
+            raise self._http_error(path, response.status, _server_message(response.status, payload))
+        try:
+            return response.status, json.loads(payload.decode("utf-8"))
+        except ValueError:
+            raise EngineError(f"the model server at {self.endpoint} sent an answer to {path} that is not JSON") from None
+
+    def list_models(self) -> list[str]:
+        """Model ids from GET /v1/models ([] where the server has no such route)."""
+        status, data = self._request_json("GET", "/v1/models")
+        if data is None:
+            return []
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise EngineError(f"the model server at {self.endpoint} sent a /v1/models answer without a model list")
+        return [str(e["id"]) for e in entries if isinstance(e, dict) and e.get("id")]
+
+    # -- requests
+
+    def _body(self, prompt: str, settings: Settings, n: int, max_tokens: int, seed: int | None, logprobs: bool) -> dict:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": int(max_tokens),
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if n > 1:
+            body["n"] = n
+        if self.features.sampling_extras:
+            body["top_k"] = settings.top_k
+            body["min_tokens"] = 1  # an empty suggestion is no suggestion (the engine forbids an early stop too)
+        if logprobs:
+            body["logprobs"] = 1
+        if seed is not None:
+            body["seed"] = int(seed)
+        return body
+
+    def _open(self, body: dict, timeout: float) -> _Stream:
+        return _Stream(self, self._base + "/v1/completions", body, timeout)
+
+    def probe(self, logprobs: bool | None = None) -> ServerFeatures:
+        """Learn what the server supports from a few 8-token requests (about 4 s on llama-cpp-python's server)."""
+        features = ServerFeatures()
+        settings = Settings(temperature=1.0)
+        attempts = [(True, 2), (True, 1), (False, 2), (False, 1)]  # (top_k and min_tokens, n)
+        last_error: EngineError | None = None
+        for extras, n in attempts:
+            features.sampling_extras = extras
+            self.features = features
+            try:
+                seen, _, _ = self._probe_once(settings, n, False)  # also warms the server up
+            except ServerAnswerError as e:  # perhaps a field it refuses: try with fewer
+                last_error = e
+                continue
+            features.choices = n > 1 and seen > 1
+            break
+        else:
+            raise last_error  # type: ignore[misc]
+        n = 2 if features.choices else 1
+        if logprobs is not None:
+            features.logprobs = logprobs
+        else:
+            try:
+                _, costly, returned = self._probe_once(settings, n, True)
+            except ServerAnswerError:
+                costly, returned = 0.0, False
+            if not returned:
+                features.logprobs, features.note = False, "the server returns none"
+            else:
+                _, plain, _ = self._probe_once(settings, n, False)
+                # llama-cpp-python sorts the whole vocabulary for every token it reports logprobs for.
+                if costly > 2 * plain + 0.02:
+                    features.logprobs = False
+                    features.note = f"they cost {costly * 1000:.0f} ms per token on this server instead of {plain * 1000:.0f}"
+        self.features = features
+        return features
+
+    def _probe_once(self, settings: Settings, n: int, logprobs: bool) -> tuple[int, float, bool]:
+        """(choices seen, seconds per token after the first, whether logprobs came back)."""
+        stream = self._open(self._body("The", settings, n, 8, 0, logprobs), _CONNECT_TIMEOUT_S + 30)
+        indices: set[int] = set()
+        times: list[float] = []
+        got_logprobs = False
+        try:
+            while True:
+                try:
+                    kind, payload = stream.events.get(timeout=_CONNECT_TIMEOUT_S + 30)
+                except queue.Empty:
+                    raise EngineError(f"the model server at {self.endpoint} did not answer a test request in time") from None
+                if kind == "error":
+                    raise payload
+                if kind in ("done", "eof"):
+                    break
+                for choice in payload.get("choices") or []:
+                    if not isinstance(choice, dict):
+                        raise self._malformed()
+                    index = int(choice.get("index") or 0)
+                    indices.add(index)
+                    lp = choice.get("logprobs")
+                    got_logprobs = got_logprobs or bool(isinstance(lp, dict) and lp.get("token_logprobs"))
+                    if index == 0 and choice.get("text"):
+                        times.append(time.perf_counter())
+        finally:
+            stream.close()
+        if not indices:
+            raise EngineError(f"the model server at {self.endpoint} returned no completion for a test request")
+        gaps = sorted(b - a for a, b in zip(times, times[1:]))
+        per_token = gaps[len(gaps) // 2] if gaps else 0.0  # the median: one stall does not count
+        return len(indices), per_token, got_logprobs
+
+    # -- one Tab press
+
+    def suggest(
+        self,
+        text: str,
+        settings: Settings,
+        round_: int = 0,
+        is_cancelled: Callable[[], bool] = lambda: False,
+        seed: int | None = None,
+        on_update: Callable[[list[Suggestion]], None] | None = None,
+        caller_gone: Callable[[], bool] | None = None,
+    ) -> SuggestResult:
+        """Sample suggestions for the end of ``text`` on the server (the engine's ``suggest``).
+
+        ``is_cancelled`` is asked between chunks and every 50 ms, ``caller_gone`` (as with the
+        engine: e.g. whether the HTTP client is still connected) about every 0.2 s; either one
+        cancels the press and closes the connection.
+        """
+        started = time.perf_counter()
+        result = SuggestResult()
+        text = clean_prompt(text or "")
+        if not text.strip():
+            result.message = EMPTY_TEXT
+            return result
+        if caller_gone is not None:
+            is_cancelled = _either(is_cancelled, caller_gone)
+        if is_cancelled():
+            result.cancelled = True
+            return result
+        deadline = started + settings.max_time
+        prompt, result.truncated = cut_prompt(text, settings.context_tokens)
+        prompt, blanks = _split_blanks(prompt)
+        rows = [_Row(t, blanks) for t in targets(settings, round_)]
+        # All rows in one request where the server honours n, else one request per row, shortest first.
+        groups = [list(range(len(rows)))] if self.features.choices else [[i] for i in range(len(rows))]
+        for group in groups:
+            body = self._body(
+                prompt,
+                settings,
+                n=len(group),
+                max_tokens=max(rows[i].cap for i in group),
+                seed=None if seed is None else int(seed) + group[0],
+                logprobs=self.features.logprobs,
+            )
+            if self._stream_rows(body, [rows[i] for i in group], rows, deadline, is_cancelled, on_update, result, started):
+                break
+        for row in rows:
+            row.end(None)  # rows cut short by time or cancel end on a whole word
+        result.suggestions = _collect(rows)
+        result.steps = max(row.tokens for row in rows)
+        result.elapsed_s = time.perf_counter() - started
+        if result.timed_out:
+            result.message = f"Stopped at the {settings.max_time:g} s time limit."
+        if not result.suggestions and not result.message and not result.cancelled:
+            result.message = NOTHING_TO_ADD
+        return result
+
+    def _stream_rows(self, body, group, rows, deadline, is_cancelled, on_update, result, started) -> bool:
+        """Read one request's stream into ``group``'s rows. True when the press must stop (time, cancel)."""
+        stream = self._open(body, max(1.0, deadline - time.perf_counter()) + _CONNECT_TIMEOUT_S)
+        answered = False
+        try:
+            while True:
+                if is_cancelled():
+                    result.cancelled = True
+                    return True
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    result.timed_out = True
+                    return True
+                try:
+                    kind, payload = stream.events.get(timeout=min(remaining, _POLL_S))
+                except queue.Empty:
+                    continue
+                if kind == "error":
+                    raise payload
+                if kind == "eof" and not answered:
+                    # llama-cpp-python fails this way after its 200, e.g. for a prompt longer than its context.
+                    raise EngineError(
+                        f"the model server at {self.endpoint} closed the connection without an answer (its log says why)"
+                    )
+                if kind in ("done", "eof"):
+                    return False
+                answered = True
+                finished_now = self._read_chunk(payload, group, rows, result)
+                result.steps = max(row.tokens for row in rows)
+                if finished_now:
+                    if result.first_ready_s is None:
+                        result.first_ready_s = time.perf_counter() - started
+                    if on_update is not None:
+                        on_update(_collect(rows))  # for streaming: rows done so far
+                if all(row.final is not None for row in group):
+                    return False
+        finally:
+            stream.close()
+
+    def _read_chunk(self, chunk: dict, group: list[_Row], rows: list[_Row], result: SuggestResult) -> bool:
+        """Apply one streamed chunk; True when a row finished with it."""
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            result.prompt_tokens = result.new_prompt_tokens = usage["prompt_tokens"]
+        finished_now = False
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or not isinstance(choice.get("text", ""), str):
+                raise self._malformed()
+            index = choice.get("index") or 0
+            if not isinstance(index, int) or not 0 <= index < len(group) or group[index].final is not None:
+                continue  # a row already cut keeps streaming until the others are done
+            row = group[index]
+            piece = choice.get("text") or ""
+            lp = choice.get("logprobs") if isinstance(choice.get("logprobs"), dict) else {}
+            tokens = lp.get("tokens") if isinstance(lp.get("tokens"), list) else []
+            values = lp.get("token_logprobs") if isinstance(lp.get("token_logprobs"), list) else []
+            if piece or tokens:
+                row.add(piece, len(tokens) or 1, values)
+                if (
+                    row.final is not None
+                    and row.tokens < row.cap
+                    and any(q is not row and q.final is not None and q.final.strip() == row.final.strip() for q in rows)
+                ):
+                    row.final = None  # the same as another suggestion: go on until it says something else
+            if row.final is None and choice.get("finish_reason"):
+                row.end(choice["finish_reason"])
+            finished_now = finished_now or row.final is not None
+        return finished_now
+
+    # -- the perplexity view
+
+    def score(self, text: str, alternatives: int = 5, on_progress: Callable[[float], None] | None = None) -> dict:
+        """models/scoring.py's result, from the server's log-probabilities of the echoed prompt.
+
+        The text is scored in windows of about 500 tokens that re-read the end of the previous
+        one as context. Ranks are exact up to 10 (the top log-probabilities asked for); a token
+        the model ranks lower gets ``rank`` None and ``rank_above``: how many tokens are known to
+        be more likely.
+        """
+        try:
+            return self._score(clean_prompt(text or ""), alternatives, on_progress)
+        except EngineError as e:
+            return {"error": f"Not scored: {e}."}
+
+    def _score(self, text: str, alternatives: int, on_progress: Callable[[float], None] | None) -> dict:
+        if not text.strip():
+            return {"error": "Nothing to score: the document is empty."}
+        if not self.features.logprobs:
+            return {"error": f"{NO_PROMPT_LOGPROBS} ({self.features.note or 'this one does not'})."}
+        truncated = len(text) > _SCORE_MAX_CHARS
+        cut = 0
+        if truncated:
+            cut = len(text) - _SCORE_MAX_CHARS
+            space = re.search(r"\s", text[cut : cut + 64])
+            cut += space.end() if space else 0
+            text = text[cut:]
+        windows = self._score_windows(text)
+        asked = max(alternatives, _RANKS_KNOWN)
+        starts: list[int] = []
+        scored: list[tuple[str, float | None, dict]] = []  # (server's token, log-probability, top log-probabilities)
+        for n, (start, end) in enumerate(windows):
+            context = self._context_start(text, start)
+            prompt = text[context:end]
+            _, data = self._request_json(
+                "POST",
+                "/v1/completions",
+                {
+                    "model": self.model, "prompt": prompt, "max_tokens": 1, "echo": True,
+                    "logprobs": asked, "temperature": 0.0,
+                },
+                timeout=_SCORE_TIMEOUT_S,
+            )
+            try:
+                lp = data["choices"][0]["logprobs"]
+                tokens, offsets = lp["tokens"], lp["text_offset"]
+                values, tops = lp["token_logprobs"], lp["top_logprobs"]
+            except (KeyError, IndexError, TypeError):
+                return {"error": f"{NO_PROMPT_LOGPROBS} ({self.endpoint} did not)."}
+            # The offsets must point at the tokens in the prompt (a server that counted a special
+            # token's text would shift them all): most tokens are found where they are said to be.
+            placed = [(str(t), o) for t, o in zip(tokens, offsets) if isinstance(o, int) and o < len(prompt)]
+            if sum(1 for t, o in placed if t and prompt.startswith(t, o)) < 0.5 * len(placed):
+                return {"error": f"{NO_PROMPT_LOGPROBS} ({self.endpoint} sent token offsets that do not match the text)."}
+            for token, offset, value, top in zip(tokens, offsets, values, tops):
+                absolute = context + int(offset)
+                if absolute < start or absolute >= end:
+                    continue  # context re-read, or the one generated token
+                starts.append(absolute)
+                scored.append((str(token), value, top if isinstance(top, dict) else {}))
+            if on_progress is not None:
+                on_progress((n + 1) / len(windows))
+        if not starts:
+            return {"error": f"{NO_PROMPT_LOGPROBS} ({self.endpoint} returned none)."}
+        starts[0] = 0
+        spans = [(s, e) for s, e in zip(starts, starts[1:] + [len(text)])]
+        results, total_nll, scored_chars = [], 0.0, 0
+        for (s, e), (token, value, top) in zip(spans, scored):
+            e = max(e, s)
+            piece = text[s:e]
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                results.append({"text": piece, "start": s, "end": e, "prob": None, "rank": None, "alternatives": []})
+                continue
+            total_nll -= value
+            scored_chars += e - s
+            listed = {str(t): float(v) for t, v in top.items() if isinstance(v, (int, float))}
+            better = sum(1 for t, v in listed.items() if v > value and t != token)
+            # The server lists the top log-probabilities, plus the token itself where it is not
+            # among them (llama.cpp, vLLM): then all that is known is that it ranks lower.
+            known = token in listed and (len(listed) <= asked or better + 1 < len(listed))
+            ranked = sorted(((t, v) for t, v in listed.items() if not _CONTROL.fullmatch(t)), key=lambda item: -item[1])
+            entry = {
+                "text": piece, "start": s, "end": e, "prob": math.exp(value),
+                "rank": better + 1 if known else None,
+                "alternatives": [{"text": t, "prob": math.exp(v)} for t, v in ranked[:alternatives]],
+            }
+            if not known:
+                entry["rank_above"] = better
+            results.append(entry)
+        count = sum(1 for r in results if r["prob"] is not None)
+        return {
+            "model": self.name,
+            "perplexity": math.exp(total_nll / count) if count else None,
+            "bits_per_char": total_nll / math.log(2) / max(1, scored_chars) if count else None,
+            "token_count": len(results),
+            "truncated": truncated,
+            "text_offset": cut,
+            "tokens": results,
+            "rank_limit": _RANKS_KNOWN,
+        }
+
+    @staticmethod
+    def _score_windows(text: str) -> list[tuple[int, int]]:
+        """Character windows of about _SCORE_WINDOW_CHARS, ending before a space where one is near."""
+        windows, start = [], 0
+        while start < len(text):
+            end = min(len(text), start + _SCORE_WINDOW_CHARS)
+            if end < len(text):
+                space = text.rfind(" ", start + _SCORE_WINDOW_CHARS // 2, end)
+                end = space if space > start else end  # a model's token starts with the space
+            windows.append((start, end))
+            start = end
+        return windows
+
+    @staticmethod
+    def _context_start(text: str, start: int) -> int:
+        if start == 0:
+            return 0
+        context = max(0, start - _SCORE_CONTEXT_CHARS)
+        space = text.find(" ", context, start)
+        return space if space >= 0 else context
