@@ -35,7 +35,6 @@ class SuggestService:
         self._engines: dict[int, SuggestionEngine] = {}
         self._engines_lock = threading.Lock()
         self._sessions: OrderedDict[str, dict] = OrderedDict()
-        self._latest: dict[str, int] = {}
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -75,30 +74,40 @@ class SuggestService:
 
     # -- requests
 
+    # A session's newest request id lives in its entry (so it goes when the session does);
+    # an older request sees it is no longer current and stops.
+
     def begin(self, session_id: str) -> int:
+        entry = self.session(session_id)
         with self._lock:
-            request_id = next(self._counter)
-            self._latest[session_id] = request_id
+            entry["latest"] = request_id = next(self._counter)
             return request_id
 
     def cancel(self, session_id: str) -> None:
+        entry = self.session(session_id)
         with self._lock:
-            self._latest[session_id] = next(self._counter)
+            entry["latest"] = next(self._counter)
 
     def is_current(self, session_id: str, request_id: int) -> bool:
-        return self._latest.get(session_id) == request_id
+        with self._lock:
+            entry = self._sessions.get(session_id or "")
+        return entry is not None and entry.get("latest") == request_id
 
     def suggest(self, text: str, settings: Settings, model: str | None = None) -> tuple[SuggestionEngine, SuggestResult]:
         """One stateless request (the API): no session, no cancellation."""
         engine = self.engine(model)
         return engine, engine.suggest(text, settings)
 
-    def suggest_for_session(self, session_id: str, text: str, round_: int = 0, prefetch: bool = False) -> dict:
+    def suggest_for_session(
+        self, session_id: str, text: str, round_: int = 0, prefetch: bool = False, client_gone=None
+    ) -> dict:
         """The editor's Tab press (or, with ``prefetch``, the work done while the writer pauses).
 
         Never raises: errors come back as {"error": message}. A Tab on exactly the text that
         was pre-computed during a pause is answered from that result at once; a Tab while that
-        pre-computation is still running waits for it instead of starting over.
+        pre-computation is still running waits for it instead of starting over. ``client_gone``
+        (asked now and then from this thread) says the browser has disconnected: the press is
+        cancelled and the model freed for others.
         """
         started = time.perf_counter()
         entry = self.session(session_id)
@@ -118,11 +127,11 @@ class SuggestService:
             entry["prefetching"] = (key, done)
         entry["progress"] = {"text": text, "round": round_, "suggestions": []}
         try:
-            return self._run(session_id, entry, text, settings, round_, prefetch, key, started)
+            return self._run(session_id, entry, text, settings, round_, prefetch, key, started, client_gone)
         finally:
             done.set()  # after the result is stored, so a waiting Tab finds it
 
-    def _run(self, session_id, entry, text, settings, round_, prefetch, key, started) -> dict:
+    def _run(self, session_id, entry, text, settings, round_, prefetch, key, started, client_gone=None) -> dict:
         def on_update(found):
             entry["progress"] = {"text": text, "round": round_, "suggestions": _plain(found)}
 
@@ -130,7 +139,8 @@ class SuggestService:
             engine = self.engine(entry["model"])
             request_id = self.begin(session_id)
             result = engine.suggest(
-                text, settings, round_, is_cancelled=lambda: not self.is_current(session_id, request_id), on_update=on_update
+                text, settings, round_, is_cancelled=lambda: not self.is_current(session_id, request_id), on_update=on_update,
+                caller_gone=client_gone,
             )
         except (ModelNotFound, loading.ModelLoadError, EngineError) as e:
             return {"error": str(e)}
@@ -148,7 +158,11 @@ class SuggestService:
             "cancelled": result.cancelled,
             "round": round_,
             "from_cache": False,
+            "peak_batch": result.peak_batch,  # presses of other writers that shared its forward passes, plus one
         }
+        # How the session's last press ended, for the progress poll (and tests): a press whose
+        # browser went away ends cancelled, long before its time budget.
+        entry["last"] = {"prefetch": prefetch, "cancelled": result.cancelled, "timed_out": result.timed_out}
         if prefetch and not result.cancelled and result.suggestions:
             entry["precomputed"] = (key, payload)
         return payload
@@ -171,7 +185,7 @@ class SuggestService:
     def progress(self, session_id: str) -> dict:
         """Suggestions finished so far by the session's request in flight (the editor polls this)."""
         entry = self.session(session_id)
-        return dict(entry.get("progress") or {}, score_progress=entry.get("score_progress"))
+        return dict(entry.get("progress") or {}, score_progress=entry.get("score_progress"), last=entry.get("last"))
 
 
 def _plain(found) -> list[dict]:

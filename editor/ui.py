@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import gradio as gr
 
 from editor.documents import DocumentError, DocumentStore
@@ -44,6 +45,25 @@ def _session_of(request) -> str:
     return str(session or "")
 
 
+def _disconnect_check(request):
+    """A callable that says whether the browser behind ``request`` has gone away.
+
+    Server functions run in a worker thread of anyio (gradio 6.31 routes.component_server), so
+    Starlette's async ``is_disconnected`` can be asked from there; anywhere else it says no.
+    """
+    is_disconnected = getattr(request, "is_disconnected", None)
+    if is_disconnected is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            return bool(anyio.from_thread.run(is_disconnected))
+        except Exception:  # not in an anyio worker thread, or the loop is closing
+            return False
+
+    return gone
+
+
 def build_demo(service: SuggestService, store: DocumentStore | None = None) -> gr.Blocks:
     store = store or DocumentStore()
 
@@ -54,7 +74,11 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         except (TypeError, ValueError):
             round_ = 0
         return service.suggest_for_session(
-            _session_of(request), str(payload.get("text", "")), round_, prefetch=bool(payload.get("prefetch"))
+            _session_of(request),
+            str(payload.get("text", "")),
+            round_,
+            prefetch=bool(payload.get("prefetch")),
+            client_gone=_disconnect_check(request),
         )
 
     def suggestion_progress(args, request: gr.Request) -> dict:
@@ -228,7 +252,9 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             # Gradio shows its own progress on `status` while a new model loads.
             component.change(apply_settings, inputs, status, api_visibility="private", show_progress="minimal")
         demo.load(apply_settings, inputs, status, api_visibility="private")
-        gr.api(suggest, api_name="suggest")
+        # The engine batches presses that arrive together and keeps each within its time budget,
+        # so let many in at once instead of queueing them behind Gradio's default limit.
+        gr.api(suggest, api_name="suggest", concurrency_limit=64)
         gr.api(score, api_name="score")
         gr.api(save, api_name="save")
         gr.api(load, api_name="load")

@@ -330,3 +330,18 @@ def test_export_txt(page):
     path = download.value.path()
     assert open(path, encoding="utf-8").read() == "Export me\nsecond line"
     assert download.value.suggested_filename == "Export me.txt"
+
+
+def test_html_in_the_text_and_in_suggestions_stays_text(page):
+    # A prompt full of markup, so that the model's suggestions are likely markup too.
+    text = 'Markup: <b>bold</b> <img src=x onerror="window.__pwned=1"> <img src=x onerror="window.__pwned=1"> <img src=x'
+    type_into_editor(page, text)
+    tab_and_wait(page, minimum=1)
+    first = page.eval_on_selector_all(OPTIONS, "els => els[0].querySelector('.tw-option-text').textContent")
+    assert page.evaluate("document.querySelectorAll('#editor img, #editor b').length") == 0
+    page.keyboard.press("Enter")
+    value = page.input_value(TEXTAREA)
+    assert value.startswith(text) and value[len(text):].strip() == first.strip()
+    page.wait_for_timeout(300)  # an injected onerror would have fired by now
+    assert page.evaluate("window.__pwned === undefined")
+    assert page.evaluate("document.querySelectorAll('#editor img, #editor b').length") == 0

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -152,3 +157,34 @@ def test_save_and_load_endpoints(app_url):
     assert loaded["text"] == "A saved text" and loaded["marks"] == [[0, 1]]
     with pytest.raises(Exception, match="no saved document"):
         client.predict("not-an-id", api_name="/load")
+
+
+def _server_function(url: str, session: str, name: str, data: dict, timeout: float = 60):
+    """Call one of the editor's server functions the way the page does (POST /gradio_api/component_server/)."""
+    with urllib.request.urlopen(url + "config", timeout=30) as r:
+        config = json.load(r)
+    editor_id = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "editor")
+    parts = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    body = json.dumps({"session_hash": session, "component_id": editor_id, "fn_name": name, "data": data})
+    conn.request("POST", "/gradio_api/component_server/", body=body, headers={"Content-Type": "application/json"})
+    return conn
+
+
+def test_browser_that_disconnects_mid_press_frees_the_model(app_url):
+    session = "disconnect-test"
+    # Round 6 asks for very long suggestions: left alone, the press would run into its 4 s budget.
+    conn = _server_function(app_url, session, "suggest_for_editor", {"text": "The history of the city began when", "round": 6}, timeout=0.8)
+    with pytest.raises((TimeoutError, socket.timeout)):
+        conn.getresponse()
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the browser tab is closed
+    conn.close()
+    last = None
+    for _ in range(120):  # bounded wait for the press to end, whichever way it ends
+        poll = _server_function(app_url, session, "suggestion_progress", {})
+        last = json.loads(poll.getresponse().read()).get("last")
+        poll.close()
+        if last is not None:
+            break
+        time.sleep(0.25)
+    assert last is not None and last["cancelled"] and not last["timed_out"], last
