@@ -40,11 +40,6 @@ _MAX_PROMPT_CHARS_PER_TOKEN = 12  # only this many chars per context token are t
 _WORKER_IDLE_S = 30.0  # the worker thread ends after this long with nothing to do (a new press restarts it)
 
 
-def _hard_cap(target: int) -> int:
-    """Tokens after which a row stops even mid-word (then cut back to a boundary)."""
-    return target + max(4, target // 2)
-
-
 class EngineError(Exception):
     """A suggestion request failed in a way the user should be told about (one line)."""
 
@@ -358,7 +353,7 @@ class SuggestionEngine:
             masked[:, allowed] = logits[:, allowed]
             logits = masked
         # Every step feeds one token: stay inside the model's positions (GPT-2 has no more).
-        press.max_steps = max(1, min(_hard_cap(max(press.wanted)), self.loaded.context_length - len(ids)))
+        press.max_steps = max(1, min(textcut.hard_cap(max(press.wanted)), self.loaded.context_length - len(ids)))
         press.rows, press.logp = [[] for _ in range(n)], [0.0] * n
         press.texts, press.finals = [""] * n, [None] * n
         # Join a batch that has room for this prompt and its longest row (padding included).
@@ -413,8 +408,8 @@ class SuggestionEngine:
             press.logp[r] += logprob
             previous = press.texts[r]
             press.texts[r] = self._row_text(press.context, press.healed_text, press.rows[r])
-            final = self._finished(previous, press.texts[r], len(press.rows[r]), press.wanted[r])
-            if final is not None and len(press.rows[r]) < _hard_cap(press.wanted[r]) and any(
+            final = textcut.row_final(previous, press.texts[r], len(press.rows[r]), press.wanted[r])
+            if final is not None and len(press.rows[r]) < textcut.hard_cap(press.wanted[r]) and any(
                 q != r and f is not None and f.strip() == final.strip() for q, f in enumerate(press.finals)
             ):
                 final = None  # the same as another suggestion: go on until it says something else
@@ -455,15 +450,3 @@ class SuggestionEngine:
             if f is not None and f.strip()
         ]
         return sorted(found, key=lambda s: len(s.text))
-
-    @staticmethod
-    def _finished(previous: str, text: str, count: int, target: int) -> str | None:
-        """The row's final text if it should stop now, else None."""
-        newline = text.find("\n", len(text) - len(text.lstrip()))
-        if newline > 0 and text[:newline].strip():
-            return text[:newline].rstrip()  # a suggestion stays on the writer's line
-        if count >= target and textcut.starts_new_unit(previous, text[len(previous):]):
-            return textcut.complete_prefix(text)
-        if count >= _hard_cap(target):
-            return textcut.complete_prefix(text) or text
-        return None

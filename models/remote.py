@@ -63,23 +63,6 @@ _RANKS_KNOWN = 10  # top log-probabilities asked per scored token: ranks up to t
 _CONTROL = re.compile(r"<(?:start|end)_of_[a-z_]+>|<(?:bos|eos|pad|unk|mask)>|</s>|<\|[a-z_]+\|>")
 
 
-def _hard_cap(target: int) -> int:
-    """Tokens after which a row stops even mid-word (the local engine's rule)."""
-    return target + max(4, target // 2)
-
-
-def _finished(previous: str, text: str, count: int, target: int) -> str | None:
-    """A row's final text if it should stop now, else None (the local engine's rule, on streamed text)."""
-    newline = text.find("\n", len(text) - len(text.lstrip()))
-    if newline > 0 and text[:newline].strip():
-        return text[:newline].rstrip()  # a suggestion stays on the writer's line
-    if count >= target and textcut.starts_new_unit(previous, text[len(previous):]):
-        return textcut.complete_prefix(text)
-    if count >= _hard_cap(target):
-        return textcut.complete_prefix(text) or text
-    return None
-
-
 def cut_prompt(text: str, context_tokens: int) -> tuple[str, bool]:
     """The end of ``text`` worth about ``context_tokens`` tokens, and whether anything was cut.
 
@@ -121,7 +104,7 @@ class _Row:
     """One suggestion being streamed: its text so far, tokens, log-probability, final text once done."""
 
     def __init__(self, target: int, blanks: str):
-        self.target, self.cap, self.blanks = target, _hard_cap(target), blanks
+        self.target, self.cap, self.blanks = target, textcut.hard_cap(target), blanks
         self.raw, self.text, self.tokens = "", "", 0
         self.logprob, self.scored = 0.0, 0
         self.final: str | None = None
@@ -143,7 +126,7 @@ class _Row:
             self.text = self.text[: control.start()]
             self.final = self.text  # like the engine's stop tokens: the row ends before it
         else:
-            self.final = _finished(previous, self.text, self.tokens, self.target)
+            self.final = textcut.row_final(previous, self.text, self.tokens, self.target)
 
     def end(self, reason: str | None) -> None:
         """The server ended the row: "stop" (end of text), "length" (max_tokens), None (cut off)."""

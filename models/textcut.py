@@ -78,3 +78,29 @@ def starts_new_unit(previous: str, piece: str) -> bool:
 def clean_control(text: str) -> str:
     """Remove control characters a model may emit (keep newline and tab)."""
     return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+
+
+# ---------------------------------------------------------------- when a sampled row is a suggestion
+# (the same rules for the local engine and for a model on a server, models/remote.py)
+
+
+def hard_cap(target: int) -> int:
+    """Tokens after which a row stops even mid-word (then cut back to a boundary)."""
+    return target + max(4, target // 2)
+
+
+def row_final(previous: str, text: str, count: int, target: int) -> str | None:
+    """A row's final text if it should stop now that it reads ``text`` after ``count`` tokens, else None.
+
+    ``previous`` is its text one token earlier. A newline ends it (a suggestion stays on the
+    writer's line); past its target it stops where a new word or CJK unit begins; at its hard
+    cap it stops anyway, cut back to the last whole word.
+    """
+    newline = text.find("\n", len(text) - len(text.lstrip()))
+    if newline > 0 and text[:newline].strip():
+        return text[:newline].rstrip()
+    if count >= target and starts_new_unit(previous, text[len(previous):]):
+        return complete_prefix(text)
+    if count >= hard_cap(target):
+        return complete_prefix(text) or text
+    return None
