@@ -70,10 +70,11 @@ def writer(url: str, index: int, presses: int, max_time: float, out: list, stop_
         text += " and then"
         started = time.perf_counter()
         try:
-            client.predict(text, max_time=max_time, api_name="/suggest")
-            out.append(("ok", time.perf_counter() - started))
+            suggestions = client.predict(text, max_time=max_time, api_name="/suggest")
+            longest = max((len(t.split()) for t in suggestions), default=0)
+            out.append(("ok", time.perf_counter() - started, longest))
         except Exception as e:  # counted, not hidden
-            out.append((f"error: {type(e).__name__}: {str(e)[:100]}", time.perf_counter() - started))
+            out.append((f"error: {type(e).__name__}: {str(e)[:100]}", time.perf_counter() - started, 0))
 
 
 def run(url: str, writers: int, presses: int, max_time: float) -> dict:
@@ -89,8 +90,9 @@ def run(url: str, writers: int, presses: int, max_time: float) -> dict:
     for t in threads:
         t.join(timeout=max(1.0, stop_at - time.time()))
     wall = time.perf_counter() - started
-    ok = [d for status, d in results if status == "ok"]
-    errors = [status for status, _ in results if status != "ok"]
+    ok = [d for status, d, _ in results if status == "ok"]
+    words = [w for status, _, w in results if status == "ok"]
+    errors = [status for status, _, _ in results if status != "ok"]
     return {
         "writers": writers,
         "presses": len(results),
@@ -99,6 +101,8 @@ def run(url: str, writers: int, presses: int, max_time: float) -> dict:
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:3],
         "throughput_per_s": round(len(ok) / wall, 2),
+        # Under load a press may stop at its time budget with shorter suggestions: this shows it.
+        "longest_suggestion_words_mean": round(statistics.mean(words), 1) if words else None,
     }
 
 

@@ -155,6 +155,7 @@ class _Group:
         self.kv = BatchKV(config, limit)
         self.logits: torch.Tensor | None = None
         self.owners: list[tuple[_Press, int]] = []
+        self.step_s = 0.0  # how long its last decode step took: the next one takes about as long
 
     def presses(self) -> list[_Press]:
         return list(dict.fromkeys(p for p, _ in self.owners))
@@ -385,7 +386,9 @@ class SuggestionEngine:
         if not keep:
             self._groups.remove(group)
             return
+        step_started = time.perf_counter()
         group.logits = group.kv.step(self.model, tokens[keep])
+        group.step_s = time.perf_counter() - step_started
 
     def _sample_press(self, press: _Press, group: _Group, index: list[int], tokens: torch.Tensor, sharing: int) -> bool:
         """One step of one press: sample its rows, update its texts. True when the press is done."""
@@ -425,7 +428,7 @@ class SuggestionEngine:
         elif press.abandoned or press.is_cancelled():
             result.cancelled = True
         # Stop early enough that the next step (about as long as the last one) fits the budget.
-        elif time.perf_counter() >= press.deadline:
+        elif time.perf_counter() + group.step_s >= press.deadline:
             result.timed_out = True
         else:
             return False
