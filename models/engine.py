@@ -38,6 +38,7 @@ from models.steps import decode_step, forbid_unlikely_stop, longest_common_prefi
 _DECODE_CONTEXT = 6
 _MAX_PROMPT_CHARS_PER_TOKEN = 12  # only this many chars per context token are tokenized
 _WORKER_IDLE_S = 30.0  # the worker thread ends after this long with nothing to do (a new press restarts it)
+_ADMIT_TOKENS = 256  # prompt tokens prefilled per worker round, at most (one press always gets in)
 
 
 class EngineError(Exception):
@@ -155,7 +156,8 @@ class _Group:
         self.kv = BatchKV(config, limit)
         self.logits: torch.Tensor | None = None
         self.owners: list[tuple[_Press, int]] = []
-        self.step_s = 0.0  # how long its last decode step took: the next one takes about as long
+        self.cycle_s = 0.0  # time between its last two steps (other batches' steps and admissions included)
+        self.last_step_at: float | None = None
 
     def presses(self) -> list[_Press]:
         return list(dict.fromkeys(p for p, _ in self.owners))
@@ -305,8 +307,16 @@ class SuggestionEngine:
                         return
                 waiting, self._waiting = self._waiting, []
             with self.lock:
-                for press in waiting:
+                # Admit presses until this round has prefilled about _ADMIT_TOKENS new prompt
+                # tokens: a burst of writers must not stall the presses already decoding.
+                prefilled = 0
+                while waiting and (prefilled < _ADMIT_TOKENS or not self._groups):
+                    press = waiting.pop(0)
                     self._guarded(self._admit, press)
+                    prefilled += press.result.new_prompt_tokens
+                if waiting:
+                    with self._wakeup:
+                        self._waiting[:0] = waiting  # first in line next round
                 for group in list(self._groups):
                     self._guarded(self._advance, group)
 
@@ -371,6 +381,10 @@ class SuggestionEngine:
 
     def _advance(self, group: _Group) -> None:
         """Sample one token for every row of ``group``, finish what is done, run one decode step."""
+        now = time.perf_counter()
+        if group.last_step_at is not None:
+            group.cycle_s = now - group.last_step_at
+        group.last_step_at = now
         presses = group.presses()
         tokens = torch.empty(len(group.owners), dtype=torch.long, device=self.device)
         finished_rows: set[int] = set()
@@ -386,9 +400,7 @@ class SuggestionEngine:
         if not keep:
             self._groups.remove(group)
             return
-        step_started = time.perf_counter()
         group.logits = group.kv.step(self.model, tokens[keep])
-        group.step_s = time.perf_counter() - step_started
 
     def _sample_press(self, press: _Press, group: _Group, index: list[int], tokens: torch.Tensor, sharing: int) -> bool:
         """One step of one press: sample its rows, update its texts. True when the press is done."""
@@ -427,8 +439,8 @@ class SuggestionEngine:
             pass
         elif press.abandoned or press.is_cancelled():
             result.cancelled = True
-        # Stop early enough that the next step (about as long as the last one) fits the budget.
-        elif time.perf_counter() + group.step_s >= press.deadline:
+        # Stop early enough that the next round (about as long as the last one) fits the budget.
+        elif time.perf_counter() + group.cycle_s >= press.deadline:
             result.timed_out = True
         else:
             return False
