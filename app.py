@@ -71,7 +71,20 @@ def main(argv=None) -> int:
         return 2
     print(f"[tabwrite] model {engine.name} ready on {engine.device.type}", file=sys.stderr, flush=True)
     demo = build_demo(service)
-    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True
+    )
+    try:
+        if hasattr(engine, "serve_here"):
+            # The default model's forward passes run here, on the thread that loaded it (faster
+            # on CPU; see SuggestionEngine.serve_here). Other models get a thread of their own.
+            engine.serve_here()
+        else:
+            demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
     return 0
 
 

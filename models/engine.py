@@ -199,6 +199,7 @@ class SuggestionEngine:
         self._waiting: list[_Press] = []
         self._groups: list[_Group] = []
         self._worker: threading.Thread | None = None
+        self._resident = False  # a thread has given itself to this engine for good (serve_here)
 
     @property
     def name(self) -> str:
@@ -279,7 +280,7 @@ class SuggestionEngine:
         )
         with self._wakeup:
             self._waiting.append(press)
-            if self._worker is None:
+            if self._worker is None and not self._resident:
                 self._worker = threading.Thread(target=self._serve, name=f"tabwrite-{self.name}", daemon=True)
                 self._worker.start()
             self._wakeup.notify()
@@ -297,12 +298,41 @@ class SuggestionEngine:
 
     # -- the worker
 
-    def _serve(self) -> None:
-        """Admit waiting presses into batches and advance every batch one token, until idle."""
-        while True:
+    def serve_here(self, stop: threading.Event | None = None) -> None:
+        """Be this engine's worker in the calling thread, until ``stop`` is set.
+
+        app.py gives it the main thread, which loaded the model. On these CPUs PyTorch's
+        OpenMP runtime answers the thread that first used it faster than any later one: a
+        decode step from another thread took ~35 % longer here (54 vs 40 ms for Gemma, batch 3).
+        """
+        with self._wakeup:
+            self._resident = True
+            self._wakeup.notify_all()  # a worker thread of its own, if any, leaves the work to this one
+        try:
+            self._serve(stop or threading.Event())
+        finally:
             with self._wakeup:
+                self._resident = False
+                if (self._waiting or self._groups) and self._worker is None:  # hand over what is left
+                    self._worker = threading.Thread(target=self._serve, name=f"tabwrite-{self.name}", daemon=True)
+                    self._worker.start()
+
+    def _serve(self, stop: threading.Event | None = None) -> None:
+        """Admit waiting presses into batches and advance every batch one token, until idle (or ``stop``)."""
+        while stop is None or not stop.is_set():
+            with self._wakeup:
+                if stop is None and self._resident:
+                    self._worker = None
+                    return
                 while not self._waiting and not self._groups:
-                    if not self._wakeup.wait(timeout=_WORKER_IDLE_S) and not self._waiting:
+                    if stop is None and self._resident:
+                        self._worker = None
+                        return
+                    if stop is not None:
+                        if stop.is_set():
+                            return
+                        self._wakeup.wait(timeout=0.5)
+                    elif not self._wakeup.wait(timeout=_WORKER_IDLE_S) and not self._waiting:
                         self._worker = None
                         return
                 waiting, self._waiting = self._waiting, []
@@ -325,7 +355,7 @@ class SuggestionEngine:
         presses = arg.presses() if isinstance(arg, _Group) else [arg]
         try:
             work(arg)
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting callers, who raise it
+        except Exception as e:  # handed to the waiting callers, who raise it
             if isinstance(arg, _Group) and arg in self._groups:
                 self._groups.remove(arg)
             if isinstance(e, torch.OutOfMemoryError):  # type: ignore[attr-defined]

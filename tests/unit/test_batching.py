@@ -206,3 +206,19 @@ def test_press_whose_caller_went_away_is_cancelled(engine):
     holder.join()
     assert result.cancelled and result.steps == 0 and not result.suggestions
     assert asked and set(asked) == {threading.current_thread()}
+
+
+def test_serve_here_runs_presses_on_the_given_thread_and_hands_over_when_stopped(engine):
+    stop = threading.Event()
+    served_by = []
+    here = threading.Thread(target=engine.serve_here, args=(stop,), name="resident")
+    here.start()
+    time.sleep(0.1)
+    result = engine.suggest("The quick brown fox", Settings(lengths=[4], num_suggestions=1), seed=0,
+                            on_update=lambda found: served_by.append(threading.current_thread().name))
+    assert result.steps > 0 and served_by and set(served_by) == {"resident"}
+    stop.set()
+    here.join(timeout=10)
+    assert not here.is_alive()
+    after = engine.suggest("The quick brown fox", Settings(lengths=[4], num_suggestions=1), seed=0)
+    assert after.texts == result.texts  # a worker thread of its own takes over
