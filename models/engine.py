@@ -91,6 +91,10 @@ class VocabIndex:
             if isinstance(p, str) and p and i not in special and not (p.startswith("<0x") and p.endswith(">"))
         ]
         entries.sort()
+        # "\n" in SentencePiece vocabularies, "Ċ" in GPT-2's byte-level one, <0x0A> as a byte piece.
+        self.newline_ids = {
+            i for i, p in enumerate(pieces) if isinstance(p, str) and ("\n" in p or "Ċ" in p or p == "<0x0A>")
+        }
         self.pieces = [p for p, _ in entries]
         self.ids = [i for _, i in entries]
         self.piece_of = {i: p for p, i in entries}
@@ -188,6 +192,10 @@ class SuggestionEngine:
         # end the text all the same; a suggestion must never show them.
         eos.update(control_token_ids(self.tokenizer))
         self.stop_ids = torch.tensor(sorted(i for i in eos if i is not None), device=self.device)
+        self.stop_set = set(self.stop_ids.tolist())
+        # Tokens that end a suggestion: the stop tokens, and any piece with a line break in it.
+        self.ending_set = self.stop_set | self.vocab.newline_ids
+        self.ending_ids = torch.tensor(sorted(self.ending_set), device=self.device)
         bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("a").input_ids
         self.bos_id = bos if bos is not None and probe and probe[0] == bos else None
@@ -442,24 +450,28 @@ class SuggestionEngine:
         if silent:
             logits = forbid_unlikely_stop(logits, silent, self.stop_ids)
         sampled, logprobs = sample(logits, settings.temperature, settings.top_k, settings.top_p, press.generator)
-        tokens[index] = sampled
-        is_stop = torch.isin(sampled, self.stop_ids).tolist()
+        chosen, chosen_logp = sampled.tolist(), logprobs.tolist()
         finished_now = False
-        for k, (r, token, logprob) in enumerate(zip(rows, sampled.tolist(), logprobs.tolist())):
-            if is_stop[k]:
-                press.finals[r], finished_now = press.texts[r], True
-                continue
-            press.rows[r].append(token)
-            press.logp[r] += logprob
-            previous = press.texts[r]
-            press.texts[r] = self._row_text(press.context, press.healed_text, press.rows[r])
-            final = textcut.row_final(previous, press.texts[r], len(press.rows[r]), press.wanted[r])
-            if final is not None and len(press.rows[r]) < textcut.hard_cap(press.wanted[r]) and any(
-                q != r and f is not None and f.strip() == final.strip() for q, f in enumerate(press.finals)
-            ):
-                final = None  # the same as another suggestion: go on until it says something else
+        for k, r in enumerate(rows):
+            final, text = self._with_token(press, r, chosen[k])
+            if final is not None and self._repeats_another(press, r, final):
+                if chosen[k] in self.ending_set:
+                    # It would end here word for word like another suggestion, and a row that
+                    # has ended cannot go on to say something else: take another token instead.
+                    masked = logits[k : k + 1].index_fill(1, self.ending_ids, float("-inf"))
+                    if bool(torch.isfinite(masked).any()):
+                        token, logprob = sample(masked, settings.temperature, settings.top_k, settings.top_p, press.generator)
+                        chosen[k], chosen_logp[k] = int(token), float(logprob)
+                        final, text = self._with_token(press, r, chosen[k])
+                if final is not None and self._repeats_another(press, r, final):
+                    final = None  # the same as another suggestion: go on until it says something else
+            if chosen[k] not in self.stop_set:
+                press.rows[r].append(chosen[k])
+                press.logp[r] += chosen_logp[k]
+                press.texts[r] = text
             press.finals[r] = final
             finished_now = finished_now or final is not None
+        tokens[index] = torch.tensor(chosen, dtype=tokens.dtype, device=tokens.device)
         result.steps += 1
         if result.first_ready_s is None and any(f is not None for f in press.finals):
             result.first_ready_s = time.perf_counter() - press.started
@@ -476,6 +488,20 @@ class SuggestionEngine:
             return False
         self._finish(press)
         return True
+
+    def _with_token(self, press: _Press, r: int, token: int) -> tuple[str | None, str]:
+        """Row ``r``'s final text (None: not done) and its text, were ``token`` added to it."""
+        if token in self.stop_set:
+            return press.texts[r], press.texts[r]
+        text = self._row_text(press.context, press.healed_text, press.rows[r] + [token])
+        return textcut.row_final(press.texts[r], text, len(press.rows[r]) + 1, press.wanted[r]), text
+
+    @staticmethod
+    def _repeats_another(press: _Press, r: int, final: str) -> bool:
+        """Whether ``final`` says what another row of the press already says, and row ``r`` may still go on."""
+        if not final.strip() or len(press.rows[r]) + 1 >= textcut.hard_cap(press.wanted[r]):
+            return False  # nothing to repeat (an empty row is dropped), or at its longest: it ends
+        return any(q != r and f is not None and f.strip() == final.strip() for q, f in enumerate(press.finals))
 
     def _finish(self, press: _Press) -> None:
         for r, final in enumerate(press.finals):

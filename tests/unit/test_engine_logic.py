@@ -353,6 +353,22 @@ def test_rare_end_of_text_never_leaves_a_suggestion_empty(tok):
     assert ended_early > 0  # end-of-text still ends a row that has said something
 
 
+def test_rows_that_would_end_alike_say_something_else(tok):
+    # A model torn between " the" and a line break: rows end after a "the" or two, and without
+    # care two of them end on the very same words, so the writer sees fewer options than asked.
+    eng = constant_engine(tok, piece_id(tok, "▁the"))
+    with torch.no_grad():
+        eng.model.lm_head.weight[piece_id(tok, "\n"), 0] = 30.0
+    settings = Settings(lengths=[2, 4, 8], num_suggestions=3, temperature=1.0, top_k=2, top_p=1.0)
+    distinct = []
+    for seed in range(12):
+        result = eng.suggest("I went to the store", settings, seed=seed)
+        texts = [s.text.strip() for s in result.suggestions]
+        assert all(set(t.split()) == {"the"} for t in texts), texts
+        distinct.append(len(set(texts)))
+    assert distinct.count(3) >= 10, distinct
+
+
 def test_suggestion_stops_at_newline(tok):
     eng = constant_engine(tok, piece_id(tok, "\n"))
     result = eng.suggest("The quick brown fox", Settings(lengths=[8]), seed=0)
