@@ -7,6 +7,7 @@ Each run interleaves the compared ways of answering the same Tab press (same pro
 model and settings), so machine noise hits them alike:
 - engine, cold: the engine with its prefix cache emptied (Tab right after pasting text);
 - engine, repeat: the same Tab again (prefix already cached, as after a pause or Tab again);
+- engine, typed: Tab after typing a few more words onto a cached text (only they are prefilled);
 - engine, pre-computed: the editor's path when the writer paused before Tab (the service
   pre-computed the suggestions; the Tab is answered from that result);
 - naive: `model.generate(num_return_sequences=3, do_sample=True, ...)` on fp32 weights;
@@ -139,6 +140,7 @@ def main() -> None:
     if llm is not None:
         llama_cpp_press(llm, prompt, settings, 32)
     cold, first, repeat, prefetched, naive, per_step, llama = [], [], [], [], [], [], []
+    typed, typed_first = [], []
 
     def engine_presses(run: int) -> None:
         engine.prefixes.clear()  # Tab right after the text changed
@@ -147,6 +149,9 @@ def main() -> None:
         first.append(result.first_ready_s or result.elapsed_s)
         per_step.append(result.elapsed_s / max(1, result.steps))
         repeat.append(engine.suggest(prompt, settings, seed=run + 100).elapsed_s)
+        typed_on = engine.suggest(prompt + " and then, a little later,", settings, seed=run + 200)
+        typed.append(typed_on.elapsed_s)
+        typed_first.append(typed_on.first_ready_s or typed_on.elapsed_s)
         service.suggest_for_session("bench", prompt + f" {run}", prefetch=True)  # during the pause
         started = time.perf_counter()
         answer = service.suggest_for_session("bench", prompt + f" {run}")  # the Tab
@@ -173,6 +178,8 @@ def main() -> None:
         "engine_p90_ms": round(1000 * percentile(cold, 0.9)),
         "first_suggestion_p50_ms": round(1000 * statistics.median(first)),
         "repeat_tab_p50_ms": round(1000 * statistics.median(repeat)),
+        "typed_tab_p50_ms": round(1000 * statistics.median(typed)),
+        "typed_tab_first_suggestion_p50_ms": round(1000 * statistics.median(typed_first)),
         "prefetched_tab_p50_ms": round(1000 * statistics.median(prefetched), 2),
         "naive_generate_p50_ms": round(1000 * statistics.median(naive)),
         "speedup_vs_naive": round(statistics.median(naive) / statistics.median(cold), 2),
