@@ -42,7 +42,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
 
-from models import textcut
+from models import scoring, textcut
 from models.engine import EngineError, Suggestion, SuggestResult, clean_prompt
 from models.registry import ModelNotFound
 from models.settings import Settings, targets
@@ -763,17 +763,7 @@ class OpenAICompletionsBackend:
             if not known:
                 entry["rank_above"] = better
             results.append(entry)
-        count = sum(1 for r in results if r["prob"] is not None)
-        return {
-            "model": self.name,
-            "perplexity": math.exp(total_nll / count) if count else None,
-            "bits_per_char": total_nll / math.log(2) / max(1, scored_chars) if count else None,
-            "token_count": len(results),
-            "truncated": truncated,
-            "text_offset": cut,
-            "tokens": results,
-            "rank_limit": _RANKS_KNOWN,
-        }
+        return dict(scoring.summary(self.name, results, total_nll, scored_chars, truncated, cut), rank_limit=_RANKS_KNOWN)
 
     @staticmethod
     def _score_windows(text: str) -> list[tuple[int, int]]:

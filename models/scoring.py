@@ -105,13 +105,21 @@ def score(
             )
         if on_progress is not None:
             on_progress((n + 1) / len(windows))
-    count = sum(1 for r in results if r["prob"] is not None)
+    return summary(engine.name, results, total_nll, scored_chars, truncated, cut)
+
+
+def summary(model: str, tokens: list[dict], total_nll: float, scored_chars: int, truncated: bool, text_offset: int) -> dict:
+    """The score of a text from its scored tokens (a token with ``prob`` None had nothing to be predicted from).
+
+    Used for a local model here and for a model on a server (models/remote.py).
+    """
+    count = sum(1 for t in tokens if t["prob"] is not None)
     return {
-        "model": engine.name,
+        "model": model,
         "perplexity": math.exp(total_nll / count) if count else None,
         "bits_per_char": total_nll / math.log(2) / max(1, scored_chars) if count else None,
-        "token_count": len(results),
+        "token_count": len(tokens),
         "truncated": truncated,
-        "text_offset": cut,  # token spans are relative to this character of the (cleaned) text
-        "tokens": results,
+        "text_offset": text_offset,  # token spans are relative to this character of the (cleaned) text
+        "tokens": tokens,
     }
