@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,19 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.serving import free_port, stop, wait_until_serving  # noqa: E402 (needs ROOT on the path)
+
 STARTUP_TIMEOUT_S = 600  # the first run converts the GGUF model (about a minute on 2 cores)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def app_url(tmp_path_factory):
     """URL of a running `python app.py` (the README's command) on the default embedded model."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("app") / "app.log"
     # HF_HUB_OFFLINE: a model name that is not embedded must fail without any network use.
     env = dict(
@@ -42,24 +35,8 @@ def app_url(tmp_path_factory):
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + STARTUP_TIMEOUT_S
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"app.py did not start in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_until_serving(url, proc, log_path, STARTUP_TIMEOUT_S, "app.py", poll_s=1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)

@@ -9,12 +9,10 @@ from __future__ import annotations
 import http.server
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,42 +22,13 @@ from models.engine import EngineError
 from models.registry import resolve
 from models.remote import OpenAICompletionsBackend
 from models.settings import Settings
+from tests.serving import free_port, stop, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_STARTUP_S = 120
 APP_STARTUP_S = 300
 ALIAS = "gemma-3-270m-q4"  # the id the server lists for the GGUF
 CONTROL = re.compile(r"<(start|end)_of_|<bos>|<eos>|<pad>")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log_path: Path, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.time() > deadline:
-            pytest.fail(f"{what} did not start in {timeout} s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +39,7 @@ def server_url(tmp_path_factory):
     except ImportError as e:
         pytest.fail(f"llama-cpp-python's server is not installed ({e}); pip install -r tests/requirements.txt")
     gguf = resolve("gemma-3-270m").location
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -84,10 +53,10 @@ def server_url(tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"{url}/v1/models", proc, log_path, SERVER_STARTUP_S, "llama_cpp.server")
+        wait_until_serving(f"{url}/v1/models", proc, log_path, SERVER_STARTUP_S, "llama_cpp.server")
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +220,7 @@ def test_service_on_the_server(backend, server_url):
 @pytest.fixture(scope="module")
 def remote_app_url(server_url, tmp_path_factory):
     """`python app.py --backend openai --endpoint ...` (the README's scale-out command)."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("remote_app") / "app.log"
     env = dict(
         os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
@@ -264,10 +233,10 @@ def remote_app_url(server_url, tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_for(url, proc, log_path, APP_STARTUP_S, "app.py --backend openai")
+        wait_until_serving(url, proc, log_path, APP_STARTUP_S, "app.py --backend openai")
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_app_serves_suggest_through_the_server(remote_app_url):

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from models.batching import BatchKV, PrefixStore
 from models.settings import Settings
 from models.steps import decode_step, prefill
-from tests.unit.test_engine_logic import build_tokenizer, wrap
+from tests.unit.test_engine_logic import build_tokenizer, tiny_llama_engine
 
 VOCAB = 300
 
@@ -121,14 +121,7 @@ def test_prefix_store_keeps_each_writers_prefix():
 
 @pytest.fixture(scope="module")
 def engine():
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return wrap(transformers.LlamaForCausalLM(config), tok)
+    return tiny_llama_engine(build_tokenizer())
 
 
 TEXTS = ["The quick brown fox", "我们今天去公园散步，天气很好。然后", "She said that the weather would", "hello 世界 and"]

@@ -16,18 +16,10 @@ import transformers
 from transformers import DynamicCache
 
 from models import textcut
-from models.engine import (
-    SuggestionEngine,
-    VocabIndex,
-    clean_prompt,
-    decode_step,
-    forbid_unlikely_stop,
-    longest_common_prefix,
-    prefill,
-    sample,
-)
+from models.engine import SuggestionEngine, VocabIndex, clean_prompt
 from models.loading import LoadedModel
 from models.settings import Settings, targets
+from models.steps import decode_step, forbid_unlikely_stop, longest_common_prefix, prefill, sample
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -75,15 +67,20 @@ def tok():
     return build_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def engine(tok):
-    torch.manual_seed(0)
+def tiny_llama_engine(tok, seed: int = 0, context_length: int = CONTEXT_LENGTH) -> SuggestionEngine:
+    """An engine on a tiny random-weight Llama (2 layers, 64 wide) for ``tok``."""
+    torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT_LENGTH,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context_length,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
-    return wrap(transformers.LlamaForCausalLM(config), tok)
+    return wrap(transformers.LlamaForCausalLM(config), tok, context_length)
+
+
+@pytest.fixture(scope="module")
+def engine(tok):
+    return tiny_llama_engine(tok)
 
 
 def constant_engine(tok, token_id: int, n_positions: int = CONTEXT_LENGTH) -> SuggestionEngine:

@@ -9,23 +9,14 @@ import torch
 
 from models import scoring
 from models.scoring import score, token_spans
-from tests.unit.test_engine_logic import build_tokenizer, wrap
+from tests.unit.test_engine_logic import build_tokenizer, tiny_llama_engine
 
 TEXT = "The quick brown fox jumps over the lazy dog.\n我们今天去公园散步。 👩‍💻 <b>bold</b>"
 
 
 @pytest.fixture(scope="module")
 def engine():
-    import transformers
-
-    tok = build_tokenizer()
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return wrap(transformers.LlamaForCausalLM(config), tok, context_length=2048)
+    return tiny_llama_engine(build_tokenizer(), seed=1, context_length=2048)
 
 
 def test_token_spans_tile_the_text():
