@@ -31,7 +31,7 @@ from models import textcut
 from models.batching import BatchKV, PrefixStore
 from models.loading import LoadedModel
 from models.settings import Settings, targets
-from models.steps import decode_step, forbid_unlikely_stop, longest_common_prefix, prefill, sample  # noqa: F401
+from models.steps import forbid_unlikely_stop, sample
 
 # How many prompt tokens are decoded alongside a continuation to turn it into text
 # (SentencePiece drops a leading space when a piece is decoded on its own).
@@ -289,8 +289,7 @@ class SuggestionEngine:
         with self._wakeup:
             self._waiting.append(press)
             if self._worker is None and not self._resident:
-                self._worker = threading.Thread(target=self._serve, name=f"tabwrite-{self.name}", daemon=True)
-                self._worker.start()
+                self._start_worker()
             self._wakeup.notify()
         while not press.done.wait(timeout=0.2):
             if caller_gone is not None and not press.abandoned and caller_gone():
@@ -322,27 +321,40 @@ class SuggestionEngine:
             with self._wakeup:
                 self._resident = False
                 if (self._waiting or self._groups) and self._worker is None:  # hand over what is left
-                    self._worker = threading.Thread(target=self._serve, name=f"tabwrite-{self.name}", daemon=True)
-                    self._worker.start()
+                    self._start_worker()
+
+    def _start_worker(self) -> None:
+        """A worker thread of the engine's own (called holding ``_wakeup``); it ends when idle."""
+        self._worker = threading.Thread(target=self._serve, name=f"tabwrite-{self.name}", daemon=True)
+        self._worker.start()
+
+    def _leaving(self, stop: threading.Event | None) -> bool:
+        """Whether this worker ends now (called holding ``_wakeup``): a resident one when ``stop`` is
+        set, a thread one when a resident worker has taken over."""
+        if stop is not None:
+            return stop.is_set()
+        if self._resident:
+            self._worker = None
+            return True
+        return False
 
     def _serve(self, stop: threading.Event | None = None) -> None:
-        """Admit waiting presses into batches and advance every batch one token, until idle (or ``stop``)."""
-        while stop is None or not stop.is_set():
+        """Admit waiting presses into batches and advance every batch one token.
+
+        A resident worker (``stop`` given, see serve_here) runs until ``stop`` is set; a worker
+        thread until it has had nothing to do for _WORKER_IDLE_S.
+        """
+        while True:
             with self._wakeup:
-                if stop is None and self._resident:
-                    self._worker = None
-                    return
                 while not self._waiting and not self._groups:
-                    if stop is None and self._resident:
+                    if self._leaving(stop):
+                        return
+                    woken = self._wakeup.wait(timeout=0.5 if stop is not None else _WORKER_IDLE_S)
+                    if stop is None and not woken and not self._waiting:
                         self._worker = None
                         return
-                    if stop is not None:
-                        if stop.is_set():
-                            return
-                        self._wakeup.wait(timeout=0.5)
-                    elif not self._wakeup.wait(timeout=_WORKER_IDLE_S) and not self._waiting:
-                        self._worker = None
-                        return
+                if self._leaving(stop):
+                    return
                 waiting, self._waiting = self._waiting, []
             with self.lock:
                 # Admit presses until this round has prefilled about _ADMIT_TOKENS new prompt
