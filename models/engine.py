@@ -510,9 +510,14 @@ class SuggestionEngine:
 
     @staticmethod
     def _repeats_another(press: _Press, r: int, final: str) -> bool:
-        """Whether ``final`` says what another row of the press already says, and row ``r`` may still go on."""
-        if not final.strip() or len(press.rows[r]) + 1 >= textcut.hard_cap(press.wanted[r]):
-            return False  # nothing to repeat (an empty row is dropped), or at its longest: it ends
+        """Whether ``final`` says what another row of the press already says, and row ``r`` may still go on.
+
+        A repeat goes on past its own hard cap, up to the press's longest row: at its cap a row
+        is cut back to its last whole word ("the 5-year-old" -> "the"), which can be exactly
+        what a shorter row says, while a few more tokens reach the next word boundary.
+        """
+        if not final.strip() or len(press.rows[r]) + 1 >= press.max_steps:
+            return False  # nothing to repeat (an empty row is dropped), or no step left: it ends
         return any(q != r and f is not None and f.strip() == final.strip() for q, f in enumerate(press.finals))
 
     def _finish(self, press: _Press) -> None:
