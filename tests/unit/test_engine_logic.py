@@ -189,7 +189,7 @@ def test_vocab_index_starting_with_is_exact(tok, prefix):
         i for i, p in enumerate(pieces)
         if p.startswith(prefix) and i not in special and not (p.startswith("<0x") and p.endswith(">"))
     }
-    got = index.starting_with(prefix)
+    got = index.starting_with(prefix).tolist()
     assert len(got) == len(set(got))
     assert set(got) == expected
 
