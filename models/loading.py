@@ -155,6 +155,9 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
     if not getattr(model, "can_generate", lambda: True)():
         raise ModelLoadError(f"'{source.name}' is not a causal language model")
     model.to(device).eval()
+    from models.fastnorm import fuse_norms
+
+    fuse_norms(model)
     if device.type == "cpu":
         from models.fastlinear import pack_fastest
 
