@@ -26,7 +26,7 @@ class FusedGemmaRMSNorm(nn.Module):
         # What the original computes on every call. Made as an ordinary tensor even when the swap
         # runs in inference mode, so the model still runs with autograd on (e.g. to score text).
         with torch.inference_mode(False), torch.no_grad():
-            self.scale = 1.0 + norm.weight.detach().float()
+            self.register_buffer("scale", 1.0 + norm.weight.detach().float(), persistent=False)  # moves with .to()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), self.shape, self.scale, self.eps).type_as(x)
