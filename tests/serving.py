@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -40,3 +45,28 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextlib.contextmanager
+def running_app(args: list[str], log_dir: Path, timeout: float, what: str, poll_s: float = 0.5):
+    """`python app.py ARGS` on 127.0.0.1 and a free port, logging to ``log_dir``; yields its URL.
+
+    HF_HUB_OFFLINE: a model name that is not embedded must fail without any network use.
+    """
+    port = free_port()
+    log_path = log_dir / "app.log"
+    env = dict(
+        os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+        TABWRITE_DB=str(log_dir / "documents.sqlite3"),
+    )
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", *args, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_serving(url, proc, log_path, timeout, what, poll_s=poll_s)
+        yield url
+    finally:
+        stop(proc)

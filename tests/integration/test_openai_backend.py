@@ -22,7 +22,7 @@ from models.engine import EngineError
 from models.registry import resolve
 from models.remote import OpenAICompletionsBackend
 from models.settings import Settings
-from tests.serving import free_port, stop, wait_until_serving
+from tests.serving import free_port, running_app, stop, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_STARTUP_S = 120
@@ -220,23 +220,9 @@ def test_service_on_the_server(backend, server_url):
 @pytest.fixture(scope="module")
 def remote_app_url(server_url, tmp_path_factory):
     """`python app.py --backend openai --endpoint ...` (the README's scale-out command)."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("remote_app") / "app.log"
-    env = dict(
-        os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-        TABWRITE_DB=str(log_path.parent / "documents.sqlite3"),
-    )
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "app.py", "--backend", "openai", "--endpoint", server_url, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until_serving(url, proc, log_path, APP_STARTUP_S, "app.py --backend openai")
+    args = ["--backend", "openai", "--endpoint", server_url]
+    with running_app(args, tmp_path_factory.mktemp("remote_app"), APP_STARTUP_S, "app.py --backend openai") as url:
         yield url
-    finally:
-        stop(proc)
 
 
 def test_app_serves_suggest_through_the_server(remote_app_url):
