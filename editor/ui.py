@@ -161,7 +161,8 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             return f"⚠️ {e}. Still using **{entry['model']}**."
         settings, notes = service.update_settings(_session_of(request), model, raw)
         loaded = getattr(engine, "loaded", None)  # None for a model on a server (models/remote.py)
-        device = engine.device.type + (f" · {str(loaded.dtype).split('.')[-1]}" if loaded is not None else "")
+        # On a CPU: how its matmuls run, as chosen for this machine (models/tuning.py).
+        device = engine.device.type + (f" · {loaded.weights}" if loaded is not None and loaded.weights else "")
         text = (
             f"Model **{engine.name}** ready ({device}). Temperature {settings.temperature:g} · top-k {settings.top_k}"
             f" · top-p {settings.top_p:g} · lengths {'/'.join(map(str, settings.lengths))} · ≤ {settings.max_time:g} s per Tab."

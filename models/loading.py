@@ -41,8 +41,10 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the activations
     context_length: int
+    weights: str = ""  # how the matmuls run, e.g. "fp16-fbgemm (decoding) / int8-smooth (prompts)"
+    tuning: object = None  # models.tuning.Tuning on a CPU: what was chosen for this machine, and why
 
 
 def cache_root() -> Path:
@@ -58,14 +60,20 @@ def pick_device() -> torch.device:
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
-    # bf16 halves the bytes read per token (decoding is memory-bound) and stays faithful to
-    # fp32 on these models; CUDA without bf16 gets fp16.
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    """The activations' dtype. On a CPU it is fp32, and each weight's format is chosen for the
+    machine by measurement (models/tuning.py): bf16 everywhere was 2x slower than fp32 on a
+    Xeon without native bf16, where it is emulated. On CUDA bf16, or fp16 where bf16 is missing."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
-def _gguf_cache_dir(gguf_path: str, dtype: torch.dtype) -> Path:
+# GGUF files are converted to fp32: the exact values of their quantized blocks, which every
+# weight format (models/kernels.py) is then made from and measured against.
+CONVERTED_DTYPE = torch.float32
+
+
+def _gguf_cache_dir(gguf_path: str, dtype: torch.dtype = CONVERTED_DTYPE) -> Path:
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{int(st.st_mtime)}|{dtype}".encode()).hexdigest()[:12]
     return cache_root() / f"{Path(gguf_path).stem}-{str(dtype).split('.')[-1]}-{key}"
@@ -136,17 +144,40 @@ def _load_pretrained(location: str, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _drop_tokenizer_tables(tokenizer) -> None:
+    """Drop the Python copies of the vocabulary and merges a fast tokenizer keeps after building
+    its Rust backend, which holds its own. For Gemma's 262k-token BPE (515k merges) they were
+    ~200 MB of the process's 1.5 GB; tokenizing, decoding and the ids are unchanged without
+    them (checked here on a probe string, else they stay)."""
+    probe = "Tab, 我们 naïve x=1\n"
+    before = tokenizer(probe, add_special_tokens=False).input_ids
+    text, pieces = tokenizer.decode(before), tokenizer.convert_ids_to_tokens(before)
+    kept = {name: getattr(tokenizer, name) for name in ("_merges", "_vocab") if getattr(tokenizer, name, None) is not None}
+    for name in kept:
+        setattr(tokenizer, name, None)
+    try:
+        same = (tokenizer(probe, add_special_tokens=False).input_ids == before and tokenizer.decode(before) == text
+                and tokenizer.convert_ids_to_tokens(before) == pieces and len(tokenizer) > 0)
+    except Exception:  # noqa: BLE001 - this tokenizer needs them after all
+        same = False
+    if not same:
+        for name, value in kept.items():
+            setattr(tokenizer, name, value)
+
+
 def load_source(source: ModelSource, device: torch.device | None = None) -> LoadedModel:
     device = device or pick_device()
     dtype = pick_dtype(device)
     try:
         if source.kind == "gguf":
-            target = _gguf_cache_dir(source.location, dtype)
+            target = _gguf_cache_dir(source.location)
             if not (target / "config.json").is_file():
-                _convert_gguf(source.location, target, dtype)
+                _convert_gguf(source.location, target, CONVERTED_DTYPE)
             model, tokenizer = _load_pretrained(str(target), device, dtype)
+            model_key = target.name
         else:
             model, tokenizer = _load_pretrained(source.location, device, dtype)
+            model_key = f"{Path(source.location).name}-{hashlib.sha256(source.location.encode()).hexdigest()[:12]}"
     except (ModelNotFound, ModelLoadError):
         raise
     except Exception as e:  # hub errors, bad files, missing packages: one line for the user
@@ -154,19 +185,20 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
         raise ModelLoadError(f"cannot load model '{source.name}': {first_line}") from e
     if not getattr(model, "can_generate", lambda: True)():
         raise ModelLoadError(f"'{source.name}' is not a causal language model")
+    _drop_tokenizer_tables(tokenizer)
     model.to(device).eval()
     from models.fastnorm import fuse_norms
 
     fuse_norms(model)
+    weights, tuning = str(dtype).split(".")[-1], None
     if device.type == "cpu":
-        from models.fastlinear import pack_fastest
+        from models.tuning import tune_or_load
 
-        report = pack_fastest(model)
-        packed = sum(1 for _, _, used in report.values() if used)
-        log.info("linear layers pre-packed for oneDNN: %d of %d shapes (ms default, packed, used): %s", packed, len(report), report)
+        tuning = tune_or_load(model, tokenizer, cache_root() / "tuning", model_key)
+        weights = tuning.describe()
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
-    return LoadedModel(source.name, model, tokenizer, device, dtype, int(context))
+    return LoadedModel(source.name, model, tokenizer, device, dtype, int(context), weights, tuning)
 
 
 _loaded: OrderedDict[str, LoadedModel] = OrderedDict()

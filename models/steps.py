@@ -24,6 +24,23 @@ def decode_step(model, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tenso
     return out.logits[:, -1, :]
 
 
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What sample() draws from: the top-k of ``logits`` [B, V] at ``temperature``, then the
+    smallest set of them whose mass reaches top_p (always at least one), renormalised.
+
+    Returns (token ids [B, k], probabilities [B, k]; zero outside the top-p set).
+    """
+    logits = logits.float()
+    k = max(1, min(int(top_k), logits.shape[-1]))
+    top_vals, top_idx = torch.topk(logits, k, dim=-1)
+    probs = torch.softmax(top_vals / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        cumulative = probs.cumsum(dim=-1)
+        probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return top_idx, probs
+
+
 @torch.inference_mode()
 def sample(
     logits: torch.Tensor,
@@ -32,24 +49,25 @@ def sample(
     top_p: float,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from the top-k (then top-p) of ``logits`` [B, V].
+    """Sample one token per row from sampling_distribution(``logits`` [B, V]).
 
     Returns (tokens [B], log-probabilities [B] of those tokens under the untempered model).
     """
     logits = logits.float()
-    k = max(1, min(int(top_k), logits.shape[-1]))
-    top_vals, top_idx = torch.topk(logits, k, dim=-1)
-    probs = torch.softmax(top_vals / max(temperature, 1e-5), dim=-1)
-    if top_p < 1.0:
-        # Keep the smallest set of tokens whose mass reaches top_p (always at least one).
-        cumulative = probs.cumsum(dim=-1)
-        probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+    top_idx, probs = sampling_distribution(logits, temperature, top_k, top_p)
     choice = torch.multinomial(probs, 1, generator=generator)
     tokens = top_idx.gather(-1, choice).squeeze(-1)
-    chosen = top_vals.gather(-1, choice).squeeze(-1)
+    chosen = logits.gather(-1, tokens[:, None]).squeeze(-1)
     logprobs = chosen - torch.logsumexp(logits, dim=-1)
     return tokens, logprobs
+
+
+def total_variation(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], vocab: int) -> torch.Tensor:
+    """Total variation distance [B] between two sampling_distribution() results over ``vocab`` tokens."""
+    dense = torch.zeros(a[0].shape[0], vocab)
+    dense.scatter_add_(1, a[0], a[1])
+    dense.scatter_add_(1, b[0], -b[1])
+    return 0.5 * dense.abs().sum(dim=-1)
 
 
 def forbid_unlikely_stop(logits: torch.Tensor, rows: list[int], stop_ids: torch.Tensor) -> torch.Tensor:

@@ -182,9 +182,10 @@ def _save_tiny_model(folder: Path) -> None:
     tok.save_pretrained(folder)
 
 
-def test_load_source_of_a_local_folder(tmp_path):
+def test_load_source_of_a_local_folder(tmp_path, monkeypatch):
     import torch
 
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))  # the per-machine choice is saved there
     folder = tmp_path / "tiny"
     _save_tiny_model(folder)
     source = resolve(str(folder))
@@ -193,6 +194,8 @@ def test_load_source_of_a_local_folder(tmp_path):
     assert loaded.context_length == 128
     assert loaded.device == torch.device("cpu")
     assert next(loaded.model.parameters()).dtype == loaded.dtype
+    assert loaded.tuning is not None and "(decoding)" in loaded.weights  # chosen for this CPU, and saved
+    assert list((tmp_path / "cache" / "tuning").glob("tiny-*.json"))
     assert not loaded.model.training
     assert loaded.tokenizer("the fox", add_special_tokens=False).input_ids == [3, 6]
 

@@ -1,0 +1,668 @@
+"""How each Linear layer runs on this machine: chosen by measurement, checked, remembered.
+
+At the first start of a model on a machine, for each weight shape of the model, every way in
+models/kernels.py that this CPU and this torch can run is prepared on the real weights,
+checked against fp32 on real activations (the model reading models/probe.txt), and timed at
+the row counts the engine runs: a few rows (a decode step: 3 rows a Tab press) and many (a
+prompt being prefilled). A way must be within FEW_TOLERANCE of fp32 to decode and within
+LAYER_TOLERANCE to read prompts; the fastest that is wins each, within WEIGHTS_BUDGET_MB of
+memory. Then the whole model is checked on the probe text as the engine reads a press (its
+first half as a prompt, the rest a few tokens at a time): bits per character in English and
+in Chinese may rise at most PROBE_TOLERANCE_PCT over fp32 and the distribution suggestions
+are drawn from may move at most PROBE_TV, or a loose format is left out and the choice made
+again (fp32 always passes). A way that cannot run here (oneDNN's bf16 under an AVX2 cap), or
+runs slowly (an int8 kernel that took 491 ms instead of 17 on one Xeon), loses by measurement.
+
+Timing covers every layer of a shape in turn, not one layer again and again: a decode step
+streams all of a model's weights from memory, and one small layer repeated would sit in the
+cache and flatter the formats that read more bytes.
+
+The choice is saved under the cache folder with a fingerprint of the machine (CPU model, ISA
+flags, torch version, threads, and the environment variables that cap the ISA): a later start
+with the same fingerprint applies it without timing anything; another CPU, or the same one
+emulating another kind, gets its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.kernels import KERNELS, REFERENCE, Kernel, TunedLinear, release_pages
+from models.settings import Settings
+from models.steps import sampling_distribution, total_variation
+
+log = logging.getLogger("tabwrite")
+
+TUNING_VERSION = 1  # bump when the choice logic changes: every machine tunes again
+FEW_ROWS = 16  # a layer input of at most this many rows runs the "few" way (decode steps, short typed prompts)
+TIMED_FEW = 3  # one Tab press decodes three rows at a time
+TIMED_BATCH = 48  # a batch of many writers' presses, for the layer with only one way for every row count
+TIMED_MANY = 128  # a prompt being prefilled (the engine admits up to ~256 prompt tokens per round)
+# Many rows are bound by arithmetic, not by reading weights: a few layers of a shape, timed and
+# scaled up, tell as much as all of them and cost a fraction of the first start.
+MANY_LAYERS = 6
+# Relative error of one layer's output on the probe's real activations that each use allows.
+# Decode steps produce the distribution the suggestions are drawn from after every token, so
+# they take only formats as close as bf16 (2-3e-3 here; fp16 1-2e-4): with int8 weights
+# (6-11e-3) in the decode steps that distribution moved 0.037/0.049 (English/Chinese, total
+# variation from fp32, held-out text) against 0.026/0.033 with fp16. A prompt's int8 error is
+# damped: its last token runs the decode way (see kernels.TunedLinear), and smoothed int8
+# (8e-3 to 3e-2) cost +0.2/+0.3 % bits/char there.
+FEW_TOLERANCE = 4e-3
+LAYER_TOLERANCE = 4e-2
+PROBE_TOLERANCE_PCT = 1.0  # bits/char on the probe text may rise this much over fp32, per language
+# ... and the distribution the suggestions are drawn from (after each decode step) may move this
+# much in total variation from fp32's, on average (bf16 weights everywhere: ~0.017; every matmul
+# in int8: ~0.05 English, ~0.08 Chinese).
+PROBE_TV = 0.04
+# A less precise format must be this much faster to be chosen over a more precise one: two
+# formats a few per cent apart swap places from one run to the next on a noisy machine.
+SPEED_TIE = 0.10
+# Prepared weights may take this much memory: a layer whose few and many rows run different
+# formats holds two copies. The app's steady RSS is to stay under 1.5 GB with Gemma 3 270M:
+# ~700 MB is the rest: torch, transformers, the tokenizer, the engine's caches at work (measured).
+WEIGHTS_BUDGET_MB = float(os.environ.get("TABWRITE_WEIGHTS_BUDGET_MB", 800))
+PRESS_STEPS, PRESS_PROMPT = 22, 200  # what a Tab press costs is estimated from: decode steps, prompt tokens
+TIME_BUDGET_S = 0.03  # timing per way and row count, at most (after a first call)
+GIVE_UP = 2.0  # a way this many times slower than the best so far, after one call, is not timed further
+CHECK_ROWS = 64  # real input rows a layer's output is checked on
+SCREENED = 64  # an output layer exact only on its likeliest logits (int8-screen) is checked on these
+# A layer with more output rows than this (Gemma's 262144-token output layer) is measured on
+# its first SLICE_ROWS rows and the time scaled up: reading 42-84 MB is as memory-bound as
+# reading all of it, and preparing seven formats of the whole of it took ~4 s.
+SLICE_ROWS = 65536
+# The order ways are tried in: likely winners first, so that the slow ones (fp32 through MKL
+# took 206 ms where fp16 took 11 on one EPYC) are given up on after one call.
+ORDER = ("int8-screen", "fp16-fbgemm", "bf16-onednn", "int8-weight", "int8-smooth", "fp32-onednn", "bf16", "fp32")
+
+# ISA flags that decide which kernels a CPU runs well (x86 /proc/cpuinfo "flags", Arm "Features").
+_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "bf16", "i8mm",
+)
+# Environment variables that change which instructions the libraries use (the emulation knobs).
+_ISA_ENV = (
+    "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+    "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "ONEDNN_DEFAULT_FPMATH_MODE",
+)
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "hardware", "cpu model") and value.strip():
+                    name = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return name, flags
+
+
+def cpu_fingerprint() -> dict:
+    """What the choice depends on. Any change to it means measuring again."""
+    name, flags = _cpuinfo()
+    return {
+        "cpu": name,
+        "flags": sorted(f for f in _FLAGS if f in flags),
+        "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in _ISA_ENV if os.environ.get(k)},
+        "tuner": TUNING_VERSION,
+    }
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- the model's layers, grouped by shape
+
+
+@dataclass
+class Group:
+    """The Linear layers of one weight shape. ``single``: one way for every row count (the
+    output layer, whose second copy would cost more memory than it saves time)."""
+
+    key: str
+    layers: list[tuple[nn.Module, str, nn.Linear]]
+    single: bool
+
+
+def linear_groups(model: nn.Module) -> list[Group]:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    groups: dict[str, Group] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child.weight.device.type != "cpu":
+                continue
+            single = child is output
+            key = f"{child.out_features}x{child.in_features}" + ("-output" if single else "")
+            groups.setdefault(key, Group(key, [], single)).layers.append((parent, name, child))
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------- the probe text
+
+
+def probe_texts() -> list[str]:
+    """models/probe.txt, English and Chinese apart (written for this repo; never the benchmark's held-out text)."""
+    text = (Path(__file__).parent / "probe.txt").read_text(encoding="utf-8")
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    english = "\n\n".join(p for p in paragraphs if p.isascii())
+    other = "\n\n".join(p for p in paragraphs if not p.isascii())
+    return [t for t in (english, other) if t]
+
+
+@torch.inference_mode()
+def token_logits(model: nn.Module, ids: torch.Tensor, prompt: int | None = None) -> torch.Tensor:
+    """fp32 next-token logits after each token of ``ids`` [1, n] but the last: [n - 1, V].
+
+    ``prompt``: read the first ``prompt`` tokens whole (the "many" ways, as a prompt is
+    prefilled) and the rest FEW_ROWS at a time through the KV cache (the "few" ways, as
+    decode steps run): the text is then read as the engine reads a press.
+    """
+    if prompt is None:
+        return model(input_ids=ids).logits[0, :-1].float()
+    from transformers import DynamicCache
+
+    cache, end = DynamicCache(config=model.config), ids.shape[1] - 1
+    parts = [model(input_ids=ids[:, :prompt], past_key_values=cache, use_cache=True).logits[0]]
+    for start in range(prompt, end, FEW_ROWS):
+        parts.append(model(input_ids=ids[:, start : min(start + FEW_ROWS, end)], past_key_values=cache, use_cache=True).logits[0])
+    return torch.cat(parts).float()
+
+
+def token_nll(model: nn.Module, ids: torch.Tensor, prompt: int | None = None) -> torch.Tensor:
+    """Negative log-likelihood of each token of ``ids`` after the first: [n - 1] (see token_logits)."""
+    return F.cross_entropy(token_logits(model, ids, prompt), ids[0, 1:], reduction="none")
+
+
+@dataclass
+class Probe:
+    ids: list[torch.Tensor]  # each text's tokens [1, n]
+    reference: list[torch.Tensor]  # fp32 negative log-likelihood of each token
+    drawn: list[tuple[torch.Tensor, torch.Tensor]]  # fp32 sampling distribution after each token (steps.sampling_distribution)
+    absmax: dict[int, torch.Tensor]  # id(layer) -> largest |input| per input channel
+    inputs: dict[str, torch.Tensor]  # group key -> real input rows of its first layer (CHECK_ROWS of them)
+
+
+@torch.inference_mode()
+def run_probe(model: nn.Module, tokenizer, groups: list[Group], texts: list[str]) -> Probe:
+    """Read the probe texts with the model as it is (fp32): reference scores and each layer's inputs."""
+    absmax: dict[int, torch.Tensor] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}
+    first = {id(g.layers[0][2]): g.key for g in groups}
+
+    def hook(key: int):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            seen = absmax.get(key)
+            absmax[key] = x.abs().amax(dim=0) if seen is None else torch.maximum(seen, x.abs().amax(dim=0))
+            if key in first:
+                inputs.setdefault(first[key], []).append(x)
+
+        return record
+
+    # The module in place now (the layer, or the layer run another exact way), keyed by the layer.
+    handles = [getattr(parent, attr).register_forward_pre_hook(hook(id(layer))) for g in groups for parent, attr, layer in g.layers]
+    try:
+        ids = [tokenizer(t, return_tensors="pt").input_ids for t in texts]
+        reference, drawn = [], []
+        for i in ids:
+            logits = token_logits(model, i)
+            reference.append(F.cross_entropy(logits, i[0, 1:], reduction="none"))
+            drawn.append(_drawn(logits))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = {}
+    for key, parts in inputs.items():
+        x = torch.cat(parts)
+        rows[key] = x[torch.linspace(0, x.shape[0] - 1, min(CHECK_ROWS, x.shape[0])).long()]  # spread over the texts
+    return Probe(ids, reference, drawn, absmax, rows)
+
+
+def _drawn(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution suggestions are drawn from with the editor's default settings."""
+    defaults = Settings()
+    return sampling_distribution(logits, defaults.temperature, defaults.top_k, defaults.top_p)
+
+
+# ---------------------------------------------------------------- measuring the ways
+
+
+@dataclass
+class Measured:
+    kernel: str
+    error: float | None = None  # relative error of the first layer's output on real inputs
+    few_ms: float | None = None  # all the group's layers in turn, TIMED_FEW rows
+    batch_ms: float | None = None  # single groups only: TIMED_BATCH rows
+    many_ms: float | None = None  # other groups: TIMED_MANY rows
+    refused: str = ""  # why it cannot be used here ("" = it can)
+
+    def cost(self, regime: str) -> float | None:
+        if regime == "few" and self.batch_ms is not None and self.few_ms is not None:
+            return self.few_ms + self.batch_ms / (TIMED_BATCH / TIMED_FEW)  # per press, alone and among many
+        return self.few_ms if regime == "few" else self.many_ms
+
+
+def _timed(fn: Callable[[], object], give_up_s: float | None = None) -> float:
+    """Seconds per call: the median of a few calls within TIME_BUDGET_S (one first call not
+    counted). A way whose first call takes longer than ``give_up_s`` is not timed further."""
+    started = time.perf_counter()
+    fn()
+    if give_up_s is not None and time.perf_counter() - started > 2 * give_up_s:
+        return time.perf_counter() - started
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < 2 or (spent < TIME_BUDGET_S and len(times) < 25):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+        spent += times[-1]
+        if give_up_s is not None and times[0] > give_up_s:
+            break
+    return sorted(times)[len(times) // 2]
+
+
+def _rows(sample: torch.Tensor, n: int) -> torch.Tensor:
+    repeats = -(-n // sample.shape[0])
+    return sample.repeat(repeats, 1)[:n].contiguous()
+
+
+def measured_weights(group: Group) -> tuple[list[torch.Tensor], float]:
+    """The weights a group is measured on, and what to multiply their times by."""
+    weights = [layer.weight.detach() for _, _, layer in group.layers]
+    rows = weights[0].shape[0]
+    if len(weights) == 1 and rows > 2 * SLICE_ROWS:
+        return [weights[0][:SLICE_ROWS]], rows / SLICE_ROWS
+    return weights, 1.0
+
+
+def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor, best: dict[str, float],
+            ready: list | None = None) -> tuple[Measured, list | None]:
+    """Prepare ``kernel`` for every layer of ``group``, check it on real inputs and time it.
+
+    ``reference``: the fp32 output of the group's first layer on the probe's rows. ``best``: the
+    fastest times so far (ms) by regime. Returns the measurement and the prepared weights
+    (None if refused). ``ready``: the whole group's weights in this format, already made.
+    """
+    found = Measured(kernel.name)
+    if not kernel.available():
+        found.refused = "not available in this torch build"
+        return found, None
+    if kernel.many_rows_only and group.single:
+        found.refused = "for prompts only, and this layer has one way for every row count"
+        return found, None
+    if kernel.output_only and not group.single:
+        found.refused = "for the output layer only"
+        return found, None
+    try:
+        weights, scale = measured_weights(group)
+        if ready is not None and scale == 1.0:
+            prepared = ready
+        else:
+            prepared = [kernel.prepare(w, probe.absmax.get(id(layer))) for w, (_, _, layer) in zip(weights, group.layers)]
+        sample = probe.inputs[group.key]
+        out = kernel.run(sample, prepared[0])
+        if kernel.output_only:  # checked where it is exact: the logits suggestions are drawn from
+            top = reference.topk(min(SCREENED, reference.shape[-1]), dim=-1).indices
+            out, reference = out.gather(1, top), reference.gather(1, top)
+        found.error = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
+        if not found.error <= LAYER_TOLERANCE:  # also catches nan
+            found.refused = f"output differs from fp32 by {found.error:.1e} (limit {LAYER_TOLERANCE:g})"
+            return found, None
+        for_few = not kernel.many_rows_only and found.error <= FEW_TOLERANCE
+        if group.single and not for_few:
+            found.refused = f"output differs from fp32 by {found.error:.1e} (limit for decode steps {FEW_TOLERANCE:g})"
+            return found, None
+
+        def timed(n: int, regime: str) -> float:
+            x = _rows(sample, n)
+            layers = prepared[:MANY_LAYERS] if regime == "many" else prepared
+            factor = scale * len(prepared) / len(layers)
+            cutoff = GIVE_UP * best[regime] / 1e3 / factor if regime in best else None
+            return 1e3 * factor * _timed(lambda: [kernel.run(x, p) for p in layers], cutoff)
+
+        if for_few:
+            found.few_ms = timed(TIMED_FEW, "few")
+        if group.single:
+            found.batch_ms = timed(TIMED_BATCH, "batch")
+        elif not kernel.few_rows_only:
+            found.many_ms = timed(TIMED_MANY, "many")
+        if found.few_ms is None and found.many_ms is None and found.batch_ms is None:
+            found.refused = f"output differs from fp32 by {found.error:.1e} (limit for decode steps {FEW_TOLERANCE:g})"
+            return found, None
+    except Exception as e:  # noqa: BLE001 - a way this CPU cannot run (oneDNN bf16 under AVX2, ...)
+        found.refused = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+        return found, None
+    return found, (prepared if scale == 1.0 else None)
+
+
+def choose(measured: list[Measured], regime: str, excluded: set[str] = frozenset()) -> str:
+    """The fastest usable way for ``regime``; ways within SPEED_TIE of it go to the more precise."""
+    usable = [m for m in measured if not m.refused and m.kernel not in excluded and m.cost(regime) is not None]
+    if not usable:
+        return REFERENCE
+    fastest = min(m.cost(regime) for m in usable)
+    close = [m for m in usable if m.cost(regime) <= fastest * (1 + SPEED_TIE)]
+    return min(close, key=lambda m: (KERNELS[m.kernel].precision, m.cost(regime))).kernel
+
+
+# ---------------------------------------------------------------- applying a choice
+
+
+def apply(groups: list[Group], choice: dict[str, dict[str, str]], absmax: dict[int, torch.Tensor],
+          prepared: dict[tuple[str, str], list] | None = None, release: bool = True) -> None:
+    """Swap every layer for a TunedLinear running the chosen ways (``prepared``: weights already
+    made, and where the ones made here are left). ``release``: hand the dense weights' pages back."""
+    prepared = {} if prepared is None else prepared
+    for group in groups:
+        names = choice[group.key]
+        ways = {}
+        for regime in ("few", "many"):
+            name = names[regime]
+            if (group.key, name) not in prepared:
+                prepared[(group.key, name)] = [
+                    KERNELS[name].prepare(layer.weight.detach(), absmax.get(id(layer))) for _, _, layer in group.layers
+                ]
+            ways[regime] = (name, prepared[(group.key, name)])
+        for i, (parent, attr, layer) in enumerate(group.layers):
+            setattr(parent, attr, TunedLinear(layer, (ways["few"][0], ways["few"][1][i]), (ways["many"][0], ways["many"][1][i]), FEW_ROWS))
+            if release and REFERENCE not in (names["few"], names["many"]):
+                # The dense weight is no longer read (but for embedding lookups when it is tied).
+                release_pages(layer.weight.detach())
+
+
+def run_exactly(groups: list[Group], names: list[str] | None = None, prepared: dict | None = None) -> str:
+    """Run every layer in fp32 through oneDNN where it can (the same numbers as PyTorch's default
+    fp32 matmul to ~1e-6; the default, MKL, took 2.8 s instead of ~1 s to read the probe text on
+    an EPYC). Returns the way used; the default where oneDNN cannot run."""
+    for name in names or [k for k in KERNELS if KERNELS[k].precision == 0]:
+        if name == REFERENCE or not KERNELS[name].available():
+            continue
+        try:
+            apply(groups, {g.key: {"few": name, "many": name} for g in groups}, {}, prepared, release=False)
+            return name
+        except Exception:  # noqa: BLE001 - this CPU cannot run it: read with the default instead
+            restore(groups)
+            if prepared is not None:
+                prepared.clear()
+    return REFERENCE
+
+
+def restore(groups: list[Group]) -> None:
+    for group in groups:
+        for parent, attr, layer in group.layers:
+            setattr(parent, attr, layer)
+
+
+# ---------------------------------------------------------------- the whole tuning
+
+
+@dataclass
+class Tuning:
+    fingerprint: dict
+    choice: dict[str, dict[str, str]]  # group key -> {"few": kernel, "many": kernel}
+    measured: dict[str, list[dict]] = field(default_factory=dict)
+    probe: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    absmax: dict = field(default_factory=dict, repr=False)  # id(layer) -> input range on the probe (int8-smooth)
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in vars(self).items() if k != "absmax"}, indent=1)
+
+    def describe(self) -> str:
+        """One line: the ways chosen, e.g. 'fp16-fbgemm (decoding) / int8-smooth (prompts)'."""
+        few = sorted({c["few"] for c in self.choice.values()})
+        many = sorted({c["many"] for c in self.choice.values()})
+        return f"{'+'.join(few)} (decoding) / {'+'.join(many)} (prompts)"
+
+
+def _say(message: str) -> None:
+    print(f"[tabwrite] {message}", file=sys.stderr, flush=True)
+
+
+def _check(model, probe: Probe) -> dict:
+    """How far the model as it now runs is from fp32 on the probe texts, each read as the
+    engine reads a press: the first half whole (the "many" ways; its scores are also the
+    perplexity view's), the rest a few rows at a time through the KV cache (the "few" ways).
+    Bits/char change (%) of each part, and the mean total variation distance of the
+    distribution drawn from after each token of the second part."""
+    many, few, tv = [], [], []
+    for ids, reference, drawn in zip(probe.ids, probe.reference, probe.drawn):
+        half = ids.shape[1] // 2
+        logits = token_logits(model, ids, prompt=half)
+        nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+        # Position half - 1 (the prompt's last) is scored by the prompt's read, the rest by decode steps.
+        many.append(100 * float(nll[:half].sum() / reference[:half].sum() - 1))
+        few.append(100 * float(nll[half:].sum() / reference[half:].sum() - 1))
+        later = (drawn[0][half - 1 :], drawn[1][half - 1 :])
+        tv.append(float(total_variation(later, _drawn(logits[half - 1 :]), logits.shape[-1]).mean()))
+    return {"many_change_pct": [round(x, 3) for x in many], "few_change_pct": [round(x, 3) for x in few],
+            "worst_change_pct": round(max(many + few), 3), "tv": [round(x, 4) for x in tv], "worst_tv": round(max(tv), 4)}
+
+
+def _passes(check: dict) -> bool:
+    return check["worst_change_pct"] <= PROBE_TOLERANCE_PCT and check["worst_tv"] <= PROBE_TV
+
+
+@torch.inference_mode()
+def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Callable[[str], None] = _say) -> Tuning:
+    """Measure, choose, check, and leave ``model`` running the choice. ``kernels``: the names to try."""
+    started = time.perf_counter()
+    groups = linear_groups(model)
+    names = kernels or [k for k in ORDER if k in KERNELS] + [k for k in KERNELS if k not in ORDER]
+    say(f"choosing how to run {sum(len(g.layers) for g in groups)} matmuls on this CPU ({_cpuinfo()[0]}); "
+        f"once per machine, about 10 s")
+    kept: dict[tuple[str, str], list] = {}
+    run_exactly(groups, [k for k in names if KERNELS[k].precision == 0], kept)
+    probe = run_probe(model, tokenizer, groups, probe_texts())
+    restore(groups)
+    measured: dict[str, list[Measured]] = {}
+    choice: dict[str, dict[str, str]] = {}
+    for n, group in enumerate(groups):
+        best: dict[str, float] = {}
+        found: list[Measured] = []
+        reference = F.linear(probe.inputs[group.key], measured_weights(group)[0][0].float())
+        for name in names:
+            m, prepared = measure(group, KERNELS[name], probe, reference, best, kept.get((group.key, name)))
+            found.append(m)
+            if not m.refused:
+                for regime, ms in (("few", m.few_ms), ("batch", m.batch_ms), ("many", m.many_ms)):
+                    if ms is not None:
+                        best[regime] = min(best.get(regime, ms), ms)
+            if prepared is not None:  # None also when only a slice was made: apply() makes the winner whole
+                kept[(group.key, name)] = prepared
+            # Keep only the weights of ways that may still win: memory stays bounded.
+            regimes = ("few",) if group.single else ("few", "many")
+            leaders = {choose(found, r) for r in regimes}
+            for key in [k for k in kept if k[0] == group.key and k[1] not in leaders]:
+                del kept[key]
+        measured[group.key] = found
+        few = choose(found, "few")
+        choice[group.key] = {"few": few, "many": few if group.single else choose(found, "many")}
+        # (The weights budget is applied once every group is measured, below.)
+        times = ", ".join(
+            f"{m.kernel} " + "/".join(f"{t:.1f}" if t is not None else "-" for t in ((m.cost("few"),) if group.single else (m.cost("few"), m.many_ms)))
+            for m in found if not m.refused
+        )
+        say(f"  [{n + 1}/{len(groups)}] {group.key} x{len(group.layers)} (ms few rows/many): {times} -> "
+            f"{choice[group.key]['few']} / {choice[group.key]['many']}")
+    choice = within_budget(groups, measured, choice)
+    check = _settle(model, groups, measured, choice, probe, kept, say)
+    tuning = Tuning(
+        cpu_fingerprint(), choice, {k: [vars(m) for m in v] for k, v in measured.items()}, check,
+        round(time.perf_counter() - started, 2), probe.absmax,
+    )
+    say(f"chose {tuning.describe()} in {tuning.seconds:.1f} s; on the probe text bits/char {check['worst_change_pct']:+.2f} %, "
+        f"distribution moved {check['worst_tv']:.3f}")
+    return tuning
+
+
+def choice_without(groups: list[Group], measured: dict[str, list[Measured]], excluded: set[str]) -> dict[str, dict[str, str]]:
+    """The fastest choice (see choose) among the ways not in ``excluded``, within WEIGHTS_BUDGET_MB."""
+    choice = {}
+    for group in groups:
+        few = choose(measured[group.key], "few", excluded)
+        choice[group.key] = {"few": few, "many": few if group.single else choose(measured[group.key], "many", excluded)}
+    return within_budget(groups, measured, choice, excluded)
+
+
+def weight_mb(groups: list[Group], choice: dict[str, dict[str, str]]) -> float:
+    """Memory the prepared weights of ``choice`` take (a layer running two formats holds both)."""
+    total = 0.0
+    for group in groups:
+        layer = group.layers[0][2]
+        for way in {choice[group.key]["few"], choice[group.key]["many"]}:
+            total += KERNELS[way].megabytes(layer.out_features, layer.in_features) * len(group.layers)
+    return total
+
+
+def within_budget(groups: list[Group], measured: dict[str, list[Measured]], choice: dict, excluded: set[str] = frozenset()) -> dict:
+    """The choice made to fit WEIGHTS_BUDGET_MB: while it does not, the one change of one group's
+    way (for few or many rows) that frees memory at the least cost to a press is made."""
+    choice = {k: dict(v) for k, v in choice.items()}
+    while weight_mb(groups, choice) > WEIGHTS_BUDGET_MB:
+        now_mb, now_cost, best = weight_mb(groups, choice), press_cost(groups, measured, choice), None
+        for group in groups:
+            for regimes in (("few", "many"),) if group.single else (("few",), ("many",), ("few", "many")):
+                for m in measured[group.key]:
+                    if m.refused or m.kernel in excluded or any(m.cost(r) is None for r in (("few",) if group.single else regimes)):
+                        continue
+                    if all(m.kernel == choice[group.key][r] for r in regimes):
+                        continue
+                    trial = {k: dict(v) for k, v in choice.items()}
+                    for r in regimes:
+                        trial[group.key][r] = m.kernel
+                    freed = now_mb - weight_mb(groups, trial)
+                    if freed <= 0:
+                        continue
+                    price = (press_cost(groups, measured, trial) - now_cost) / freed
+                    if best is None or price < best[0]:
+                        best = (price, trial)
+        if best is None:
+            break  # nothing smaller to run: over budget it is
+        choice = best[1]
+    return choice
+
+
+def press_cost(groups: list[Group], measured: dict[str, list[Measured]], choice: dict) -> float:
+    """Estimated ms of a Tab press under ``choice``: a ~200-token prompt and ~22 decode steps."""
+    total = 0.0
+    for group in groups:
+        found = {m.kernel: m for m in measured[group.key]}
+        few, many = found[choice[group.key]["few"]], found[choice[group.key]["many"]]
+        total += PRESS_STEPS * (few.cost("few") or 0.0)
+        if not group.single:
+            total += (many.many_ms if many.many_ms is not None else 1e6) * PRESS_PROMPT / TIMED_MANY
+    return total
+
+
+def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say) -> dict:
+    """Apply ``choice`` (in place) and check it on the probe text; while it fails, leave out one
+    loose format (the one whose absence costs a press least and passes), else the loosest."""
+    excluded: set[str] = set()
+    for _ in range(len(KERNELS) + 1):  # each round leaves out one more format; fp32 always passes
+        apply(groups, choice, probe.absmax, kept)
+        check = _check(model, probe)
+        in_use = {c[r] for c in choice.values() for r in ("few", "many")}
+        loose = sorted((k for k in in_use if KERNELS[k].precision > 0), key=lambda k: -KERNELS[k].precision)
+        if _passes(check) or not loose:
+            return check
+        say(f"  on the probe text bits/char rose {check['worst_change_pct']:.2f} % (limit {PROBE_TOLERANCE_PCT:g} %) and the "
+            f"suggestions' distribution moved {check['worst_tv']:.3f} (limit {PROBE_TV:g}) with {', '.join(loose)}")
+        options = sorted(loose, key=lambda k: press_cost(groups, measured, choice_without(groups, measured, excluded | {k})))
+        for k in options:  # the one whose absence costs a press least, first
+            restore(groups)
+            trial = choice_without(groups, measured, excluded | {k})
+            apply(groups, trial, probe.absmax, kept)
+            attempt = _check(model, probe)
+            if _passes(attempt):
+                say(f"  not using {k}")
+                choice.clear()
+                choice.update(trial)
+                return attempt
+        # No one format's absence is enough: leave out the least precise and go on.
+        excluded.add(loose[0])
+        say(f"  not using {loose[0]}")
+        restore(groups)
+        choice.clear()
+        choice.update(choice_without(groups, measured, excluded))
+    apply(groups, choice, probe.absmax, kept)  # not reached: with every loose format left out, fp32 passes
+    return _check(model, probe)
+
+
+# ---------------------------------------------------------------- remembered per machine
+
+
+def _paths(folder: Path, model_key: str, fingerprint: dict) -> tuple[Path, Path]:
+    stem = f"{model_key}-{_digest(fingerprint)}"
+    return folder / f"{stem}.json", folder / f"{stem}.absmax.pt"
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system. Tuning makes and drops weights in
+    seven formats; glibc keeps freed chunks under its (by then raised) mmap threshold in the
+    heap, which showed as ~300 MB of resident memory nothing used. Linux/glibc only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None] = _say) -> Tuning:
+    """Apply this machine's saved choice for this model, or tune now and save it."""
+    try:
+        return _tune_or_load(model, tokenizer, folder, model_key, say)
+    finally:
+        _trim_heap()
+
+
+def _tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None]) -> Tuning:
+    fingerprint = cpu_fingerprint()
+    path, stats_path = _paths(folder, model_key, fingerprint)
+    groups = linear_groups(model)
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") != fingerprint or set(saved["choice"]) != {g.key for g in groups}:
+            raise ValueError("another machine or model")
+        layers = [layer for g in groups for _, _, layer in g.layers]
+        stats = torch.load(stats_path, weights_only=True)
+        absmax = {id(layer): stats[i] for i, layer in enumerate(layers) if i < len(stats)}
+        tuning = Tuning(saved["fingerprint"], saved["choice"], saved.get("measured", {}), saved.get("probe", {}),
+                        saved.get("seconds", 0.0), absmax)
+        apply(groups, tuning.choice, absmax)
+        log.info("matmuls as chosen for this CPU before (%s): %s", path.name, tuning.describe())
+        return tuning
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError):
+        pass
+    layers = [layer for g in groups for _, _, layer in g.layers]
+    tuning = tune(model, tokenizer, say=say)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".partial-{os.getpid()}")
+    torch.save([tuning.absmax.get(id(layer), torch.zeros(layer.in_features)) for layer in layers], stats_path)
+    partial.write_text(tuning.to_json())
+    os.replace(partial, path)  # atomic: a half-written choice is never read
+    return tuning

@@ -1,0 +1,216 @@
+"""Choosing how each matmul runs on this machine (models/tuning.py), on a tiny random Llama.
+
+Fake ways are added to models.kernels.KERNELS for the tests: a slower exact one, a fast wrong
+one, a fast one that is only slightly off, one that cannot be prepared on this CPU. The real
+ways are exercised too, and once under an emulated AVX2 CPU in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from models import tuning
+from models.kernels import KERNELS, Kernel, TunedLinear
+from tests.unit.test_engine_logic import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    return transformers.LlamaForCausalLM(config).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def _exact(x, w):
+    return F.linear(x, w)
+
+
+def _slow(x, w):
+    time.sleep(0.02)  # far slower than a 64-wide matmul, even on a busy machine
+    return F.linear(x, w)
+
+
+def fake(name: str, run, precision: int = 0, prepare=None, available=lambda: True) -> Kernel:
+    return Kernel(name, precision, 4, prepare or (lambda w, a=None: w.detach().clone()), run, available)
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """Register fake ways for one test."""
+    def add(*kernels: Kernel) -> list[str]:
+        for k in kernels:
+            monkeypatch.setitem(KERNELS, k.name, k)
+        return [k.name for k in kernels]
+    return add
+
+
+def chosen(t: tuning.Tuning) -> set[str]:
+    return {c[r] for c in t.choice.values() for r in ("few", "many")}
+
+
+def refusals(t: tuning.Tuning, name: str) -> list[str]:
+    return [m["refused"] for found in t.measured.values() for m in found if m["kernel"] == name]
+
+
+def test_a_slower_way_is_never_chosen(fakes):
+    model, tok = tiny_model()
+    names = fakes(fake("slow-exact", _slow))
+    t = tuning.tune(model, tok, kernels=names + ["fp32"], say=lambda m: None)
+    assert chosen(t) == {"fp32"}, json.dumps(t.choice)
+    slow = [m for found in t.measured.values() for m in found if m["kernel"] == "slow-exact"]
+    assert slow and all(not m["refused"] and m["few_ms"] > 1.0 for m in slow)
+
+
+def test_a_fast_way_that_gives_wrong_numbers_is_refused(fakes):
+    model, tok = tiny_model()
+    names = fakes(fake("fast-wrong", lambda x, w: 1.5 * F.linear(x, w), precision=1), fake("slow-exact", _slow))
+    t = tuning.tune(model, tok, kernels=names, say=lambda m: None)
+    assert chosen(t) == {"slow-exact"}
+    assert all("differs from fp32" in r for r in refusals(t, "fast-wrong"))
+
+
+def test_a_way_slightly_off_in_each_layer_but_too_far_in_all_is_dropped_by_the_probe_check(fakes, monkeypatch):
+    # 0.2 % off per layer passes the per-layer checks; with the whole-model limits made strict,
+    # the probe text check must catch it and fall back to the exact way.
+    monkeypatch.setattr(tuning, "PROBE_TOLERANCE_PCT", 1e-6)
+    monkeypatch.setattr(tuning, "PROBE_TV", 1e-9)
+    names = fakes(fake("off", lambda x, w: 1.002 * F.linear(x, w), precision=3), fake("slow-exact", _slow))
+    model, tok = tiny_model()
+    said: list[str] = []
+    t = tuning.tune(model, tok, kernels=names, say=said.append)
+    assert chosen(t) == {"slow-exact"}
+    assert any("not using off" in s for s in said)
+    assert not any(refusals(t, "off"))  # it passed the per-layer checks; the probe check dropped it
+    assert all(layer.few_name == "slow-exact" for layer in model.modules() if isinstance(layer, TunedLinear))
+
+
+def test_a_way_too_rough_for_decoding_runs_prompts_only(fakes):
+    # 1 % off per layer: more than decode steps allow (FEW_TOLERANCE), less than prompts do.
+    names = fakes(fake("rough", lambda x, w: 1.01 * F.linear(x, w), precision=4), fake("slow-exact", _slow))
+    model, tok = tiny_model()
+    t = tuning.tune(model, tok, kernels=names, say=lambda m: None)
+    for key, c in t.choice.items():
+        assert c["few"] == "slow-exact"
+        assert c["many"] == ("slow-exact" if key.endswith("-output") else "rough")
+    assert any("decode steps" in r for r in refusals(t, "rough"))  # the output layer: decode steps only
+
+
+def test_a_way_this_cpu_cannot_prepare_or_run_is_refused_and_tuning_goes_on(fakes):
+    def cannot(w, a=None):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw, avx512vl and avx512dq")
+
+    names = fakes(fake("no-prepare", _exact, prepare=cannot), fake("no-build", _exact, available=lambda: False))
+    model, tok = tiny_model()
+    t = tuning.tune(model, tok, kernels=names + ["fp32"], say=lambda m: None)
+    assert chosen(t) == {"fp32"}, json.dumps(t.choice)
+    assert all("avx512bw" in r for r in refusals(t, "no-prepare"))
+    assert all("not available" in r for r in refusals(t, "no-build"))
+
+
+def test_the_real_ways_choose_something_faithful(tok):
+    model, tok = tiny_model()
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        t = tuning.tune(model, tok, say=lambda m: None)
+        after = model(input_ids=ids).logits
+    assert t.probe["worst_change_pct"] <= tuning.PROBE_TOLERANCE_PCT or chosen(t) <= {"fp32", "fp32-onednn"}
+    assert float((after - before).norm() / before.norm()) < 0.05
+    assert "(decoding)" in t.describe()
+
+
+def test_the_choice_is_remembered_for_this_machine_and_made_again_on_another(tmp_path, monkeypatch, tok):
+    runs: list[int] = []
+    real_tune = tuning.tune
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return real_tune(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "tune", counting)
+    model, _ = tiny_model()
+    first = tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None)
+    saved = list(tmp_path.glob("tiny-*.json"))
+    assert len(runs) == 1 and len(saved) == 1
+    assert json.loads(saved[0].read_text())["fingerprint"] == tuning.cpu_fingerprint()
+    again, _ = tiny_model()
+    second = tuning.tune_or_load(again, tok, tmp_path, "tiny", say=lambda m: None)
+    assert len(runs) == 1 and second.choice == first.choice  # the same machine: nothing measured
+    assert any(isinstance(m, TunedLinear) for m in again.modules())
+    # Another CPU (or the same one emulating another kind) measures again and keeps its own choice.
+    other = dict(tuning.cpu_fingerprint(), flags=["sse4_2"])
+    monkeypatch.setattr(tuning, "cpu_fingerprint", lambda: other)
+    third, _ = tiny_model()
+    tuning.tune_or_load(third, tok, tmp_path, "tiny", say=lambda m: None)
+    assert len(runs) == 2 and len(list(tmp_path.glob("tiny-*.json"))) == 2
+
+
+def test_the_fingerprint_names_the_cpu_the_torch_and_what_caps_the_isa(monkeypatch):
+    plain = tuning.cpu_fingerprint()
+    assert plain["cpu"] and plain["torch"] == torch.__version__ and plain["tuner"] == tuning.TUNING_VERSION
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = tuning.cpu_fingerprint()
+    assert capped["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2" and tuning._digest(capped) != tuning._digest(plain)
+
+
+def test_a_smaller_format_is_taken_where_the_weights_would_not_fit(monkeypatch):
+    model, _ = tiny_model()
+    groups = tuning.linear_groups(model)
+    measured = {
+        g.key: [tuning.Measured("fp32", few_ms=1.0, many_ms=1.0, batch_ms=1.0 if g.single else None),
+                tuning.Measured("int8-weight", few_ms=2.0, many_ms=3.0, batch_ms=2.0 if g.single else None)]
+        for g in groups
+    }
+    fastest = {g.key: {"few": "fp32", "many": "fp32"} for g in groups}
+    monkeypatch.setattr(tuning, "WEIGHTS_BUDGET_MB", tuning.weight_mb(groups, fastest) / 2)
+    fitted = tuning.within_budget(groups, measured, fastest)
+    assert tuning.weight_mb(groups, fitted) <= tuning.WEIGHTS_BUDGET_MB
+    assert "int8-weight" in {c["few"] for c in fitted.values()}
+
+
+SCRIPT = """
+import json, torch
+from models import tuning
+from tests.unit.test_tuning import tiny_model
+model, tok = tiny_model()
+ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+with torch.inference_mode():
+    before = model(input_ids=ids).logits
+    t = tuning.tune(model, tok, say=lambda m: None)
+    after = model(input_ids=ids).logits
+print(json.dumps({"choice": t.choice, "refused": {m["kernel"]: m["refused"] for f in t.measured.values() for m in f},
+                  "error": float((after - before).norm() / before.norm())}))
+"""
+
+
+def test_under_an_emulated_avx2_cpu_every_way_falls_back_cleanly():
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN's bf16 packing raise ("bf16 path needs ... avx512bw"):
+    # the way is refused, the others measured, and the model still computes the same thing.
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+               FBGEMM_ENABLE_INSTRUCTIONS="AVX2", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["refused"]["bf16-onednn"], "oneDNN bf16 must be refused under an AVX2 cap"
+    assert "bf16-onednn" not in {c[r] for c in result["choice"].values() for r in ("few", "many")}
+    assert result["error"] < 0.05
