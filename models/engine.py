@@ -65,6 +65,7 @@ class SuggestResult:
     cancelled: bool = False
     truncated: bool = False  # the document was longer than the context window
     peak_batch: int = 1  # the most presses (this one included) that shared one forward pass
+    row_tokens: list[int] = field(default_factory=list)  # tokens sampled for each row (the work done; benchmarks)
 
     @property
     def texts(self) -> list[str]:
@@ -420,6 +421,7 @@ class SuggestionEngine:
         press.max_steps = max(1, min(textcut.hard_cap(max(press.wanted)), self.loaded.context_length - len(ids)))
         press.rows, press.logp = [[] for _ in range(n)], [0.0] * n
         press.texts, press.finals = [""] * n, [None] * n
+        result.row_tokens = [0] * n
         # Join a batch that has room for this prompt and its longest row (padding included).
         for group in self._groups:
             steps = max([press.max_steps] + [p.remaining() for p in group.presses()])
@@ -468,6 +470,7 @@ class SuggestionEngine:
         chosen, chosen_logp = sampled.tolist(), logprobs.tolist()
         finished_now = False
         for k, r in enumerate(rows):
+            result.row_tokens[r] += 1
             final, text = self._with_token(press, r, chosen[k])
             if final is not None and self._repeats_another(press, r, final):
                 if chosen[k] in self.ending_set:
