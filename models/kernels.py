@@ -57,6 +57,7 @@ class Kernel:
     few_rows_only: bool = False  # offered for decode steps only (see int8-weight)
     output_only: bool = False  # offered for the output layer only (see int8-screen)
     padded_in: int = 1  # the format rounds the input dimension up to a multiple of this (memory)
+    fallback_for: str = ""  # measured only where this other way cannot run (the same format, a slower path)
 
     def megabytes(self, out_features: int, in_features: int) -> float:
         """Memory one prepared weight of this shape takes."""
@@ -123,18 +124,18 @@ def _onednn_run(dtype: torch.dtype):
     return run
 
 
-_FP16_PACK_ROWS = 32768
+_PACK_ROWS = 32768  # rows per slice where a library packs a weight on one thread
 
 
 def _fp16_prepare(weight, act_absmax=None):
     # fbgemm converts to fp16 one element at a time on one thread: 3.3 s for Gemma's 168M-weight
     # output layer, paid at every start. Packed in slices on two threads it takes half that,
     # and running the slices one after another costs nothing measurable.
-    if weight.shape[0] <= _FP16_PACK_ROWS:
+    if weight.shape[0] <= _PACK_ROWS:
         return [torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), None)]
     from concurrent.futures import ThreadPoolExecutor
 
-    slices = [weight[i : i + _FP16_PACK_ROWS] for i in range(0, weight.shape[0], _FP16_PACK_ROWS)]
+    slices = [weight[i : i + _PACK_ROWS] for i in range(0, weight.shape[0], _PACK_ROWS)]
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         return list(pool.map(lambda w: torch.ops.quantized.linear_prepack_fp16(w.contiguous(), None), slices))
 
@@ -180,24 +181,40 @@ def _int8_smooth_run(x, w: SmoothInt8Weight):
     return torch._int_mm(xq, w.q.t()).float().mul_(scale).mul_(w.scale)
 
 
-def _fbgemm_int8(w: Int8Weight):
-    """fbgemm's packed int8 weight. It takes the quantized-tensor type torch has deprecated
-    (a warning at every start, silenced here); once it is gone this raises, and tuning counts
-    the way as one this torch cannot run."""
-    import warnings
+def _fbgemm_int8(w: Int8Weight) -> list:
+    """fbgemm's packed int8 weight, in slices of _PACK_ROWS rows packed on all threads (fbgemm
+    packs on one: 1.6 s for Gemma's output layer, paid at every start).
 
-    zero = torch.zeros(w.q.shape[0], dtype=torch.long)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        q = torch._make_per_channel_quantized_tensor(w.q, w.scale.double(), zero, 0)
-    return torch.ops.quantized.linear_prepack(q, None)
+    It takes the quantized-tensor type torch has deprecated (a warning at every start, silenced
+    here); once it is gone this raises, and tuning counts the way as one this torch cannot run."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    def pack(start: int):
+        q, scale = w.q[start : start + _PACK_ROWS], w.scale[start : start + _PACK_ROWS]
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            tensor = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(tensor, None)
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        return list(pool.map(pack, range(0, w.q.shape[0], _PACK_ROWS)))
+
+
+def _fbgemm_int8_run(x: torch.Tensor, packed: list, reduce_range: bool) -> torch.Tensor:
+    if len(packed) == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed[0], reduce_range)
+    # The same activation scale for every slice: it is taken from x alone.
+    return torch.cat([torch.ops.quantized.linear_dynamic(x, p, reduce_range) for p in packed], dim=-1)
 
 
 @dataclass
 class Screen:
-    packed: object  # fbgemm's int8 weight
+    packed: list  # fbgemm's int8 weight, in slices of rows
     dense: torch.Tensor  # the fp32 weight, for the exact values of a few rows
     reduce_range: bool  # 7-bit activations (see _screen_prepare)
+    candidates: int = 256  # rows of exact logits per input row (SCREEN_CANDIDATES)
 
 
 SCREEN_CANDIDATES = 256  # exact logits per row
@@ -217,9 +234,12 @@ def _screen_prepare(weight, act_absmax=None):
     expected = probe @ rows.T
     errors = {}
     for reduce in (False, True):
-        got = torch.ops.quantized.linear_dynamic(probe, packed, reduce)[:, : rows.shape[0]]
+        got = _fbgemm_int8_run(probe, packed[:1], reduce)[:, : rows.shape[0]]
         errors[reduce] = float((got - expected).norm() / expected.norm().clamp_min(1e-12))
-    return Screen(packed, weight, errors[True] < errors[False])
+    reduce = errors[True] < errors[False]
+    # With 7-bit activations the int8 tail is rougher (+0.81 % bits/char on held-out Chinese with
+    # 256 exact rows, +0.22 % with 1024), so more rows are made exact.
+    return Screen(packed, weight, reduce, 4 * SCREEN_CANDIDATES if reduce else SCREEN_CANDIDATES)
 
 
 def _screen_run(x, s: Screen):
@@ -231,8 +251,8 @@ def _screen_run(x, s: Screen):
     # decode step at batch 3 went from ~33 to ~27 ms on an EPYC.
     if x.shape[0] > SCREEN_ROWS:  # scoring a text: a few rows at a time, each with its own scale
         return torch.cat([_screen_run(part, s) for part in x.split(SCREEN_ROWS)])
-    approx = torch.ops.quantized.linear_dynamic(x, s.packed, s.reduce_range)
-    top = approx.topk(min(SCREEN_CANDIDATES, approx.shape[-1]), dim=-1).indices
+    approx = _fbgemm_int8_run(x, s.packed, s.reduce_range)
+    top = approx.topk(min(s.candidates, approx.shape[-1]), dim=-1).indices
     exact = torch.bmm(s.dense[top].float(), x[:, :, None]).squeeze(-1)
     return approx.scatter_(1, top, exact)
 
@@ -254,7 +274,8 @@ KERNELS: dict[str, Kernel] = {
         # fbgemm packs the input dimension in blocks of 512 rows: Gemma's 640 takes 1024, so its
         # output layer in fp16 holds 514 MB, not 320 (measured).
         Kernel("fp16-fbgemm", 1, 2, _fp16_prepare, _fp16_run, _fbgemm_available, padded_in=512),
-        Kernel("bf16", 2, 2, lambda w, a=None: _to(w, torch.bfloat16), lambda x, w: F.linear(x.bfloat16(), w).float()),
+        Kernel("bf16", 2, 2, lambda w, a=None: _to(w, torch.bfloat16), lambda x, w: F.linear(x.bfloat16(), w).float(),
+               fallback_for="bf16-onednn"),
         Kernel("bf16-onednn", 2, 2, _onednn_prepare(torch.bfloat16), _onednn_run(torch.bfloat16), _onednn_available),
         # For decode steps only: weight-only int8 halves the bytes a step reads, while a prompt's
         # arithmetic runs through its dequantisation (Gemma's 2048x640 layers at 128 rows:

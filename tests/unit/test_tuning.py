@@ -127,15 +127,21 @@ def test_a_way_this_cpu_cannot_prepare_or_run_is_refused_and_tuning_goes_on(fake
     assert all("not available" in r for r in refusals(t, "no-build"))
 
 
-def test_the_real_ways_choose_something_faithful(tok):
+def tune_with_the_real_ways() -> tuple[tuning.Tuning, float]:
+    """Tune a tiny model with every real way; returns the choice and how far its logits moved."""
     model, tok = tiny_model()
     ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     with torch.inference_mode():
         before = model(input_ids=ids).logits
         t = tuning.tune(model, tok, say=lambda m: None)
         after = model(input_ids=ids).logits
+    return t, float((after - before).norm() / before.norm())
+
+
+def test_the_real_ways_choose_something_faithful():
+    t, error = tune_with_the_real_ways()
     assert t.probe["worst_change_pct"] <= tuning.PROBE_TOLERANCE_PCT or chosen(t) <= {"fp32", "fp32-onednn"}
-    assert float((after - before).norm() / before.norm()) < 0.05
+    assert error < 0.05
     assert "(decoding)" in t.describe()
 
 
@@ -189,17 +195,11 @@ def test_a_smaller_format_is_taken_where_the_weights_would_not_fit(monkeypatch):
 
 
 SCRIPT = """
-import json, torch
-from models import tuning
-from tests.unit.test_tuning import tiny_model
-model, tok = tiny_model()
-ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
-with torch.inference_mode():
-    before = model(input_ids=ids).logits
-    t = tuning.tune(model, tok, say=lambda m: None)
-    after = model(input_ids=ids).logits
+import json
+from tests.unit.test_tuning import tune_with_the_real_ways
+t, error = tune_with_the_real_ways()
 print(json.dumps({"choice": t.choice, "refused": {m["kernel"]: m["refused"] for f in t.measured.values() for m in f},
-                  "error": float((after - before).norm() / before.norm())}))
+                  "error": error}))
 """
 
 
