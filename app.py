@@ -51,9 +51,8 @@ def main(argv=None) -> int:
         return 2
     from editor.service import SuggestService
     from editor.ui import build_demo
-    from models.engine import EngineError
-    from models.loading import ModelLoadError
-    from models.registry import DEFAULT_MODEL, ModelNotFound
+    from models.core import EngineError
+    from models.registry import DEFAULT_MODEL, ModelLoadError, ModelNotFound
 
     try:
         if args.backend == "openai":
@@ -75,12 +74,9 @@ def main(argv=None) -> int:
         server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True
     )
     try:
-        if hasattr(engine, "serve_here"):
-            # The default model's forward passes run here, on the thread that loaded it (faster
-            # on CPU; see SuggestionEngine.serve_here). Other models get a thread of their own.
-            engine.serve_here()
-        else:
-            demo.block_thread()
+        # The default model's forward passes run here, on the thread that loaded it (faster on
+        # CPU; see models/scheduler.py serve_here). Other models get a thread of their own.
+        engine.serve()
     except KeyboardInterrupt:
         pass
     finally:

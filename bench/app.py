@@ -55,7 +55,7 @@ Expected differences, and the figures that isolate them:
   request the server answers (Python, under the GIL) while the engine decodes. Chromium runs
   on the same 2 cores, as a local app's browser does. `floor_p50_ms`: a Tab on an empty text.
 - no worker-thread difference: app.py serves presses on its main thread
-  (`engine.serve_here()`), the thread that loaded the model, and phase D does the same.
+  (`engine.serve()`), the thread that loaded the model, and phase D does the same.
 So: server_elapsed - engine is the engine inside the app, browser - server_elapsed is the
 transport and the page, and api - engine should be about the api's floor.
 """

@@ -69,7 +69,7 @@ def as_the_app_runs(engine, presses):
     """Run ``presses()`` (calls into the engine) the way app.py serves Tab presses.
 
     They come from another thread while this, the main thread that loaded the model, is the
-    engine's worker (``SuggestionEngine.serve_here``); the peers run on this thread too.
+    engine's worker (``SuggestionEngine.serve``); the peers run on this thread too.
     """
     stop, box = threading.Event(), {}
 
@@ -83,7 +83,7 @@ def as_the_app_runs(engine, presses):
 
     thread = threading.Thread(target=client)
     thread.start()
-    engine.serve_here(stop)
+    engine.serve(stop)
     thread.join()
     if "error" in box:
         raise box["error"]

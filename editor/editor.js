@@ -13,14 +13,30 @@ const MARKS_KEY = "tabwrite:draft-marks";
 const CURRENT_KEY = "tabwrite:current"; // {id, owner_key} of the document being edited
 const DOCS_KEY = "tabwrite:docs"; // [{id, owner_key}] saved from this browser ("my documents")
 
+// All that changes while the editor runs, in one place (the sections below read and write it).
 const state = {
-  open: false,     // popup shown
-  items: [],       // [{text, logprob}] offered, shortest first within each round
-  active: -1,      // highlighted option
-  round: 0,        // Tab presses on the same text: each asks for more and longer
-  seq: 0,          // request counter; answers to older requests are dropped
-  pending: false,  // a request is in flight
-  snapshot: null,  // {text, start, end} when the popup opened; insertion goes there
+  // popup
+  open: false,       // popup shown
+  items: [],         // [{text, logprob}] offered, shortest first within each round
+  active: -1,        // highlighted option
+  round: 0,          // Tab presses on the same text: each asks for more and longer
+  seq: 0,            // request counter; answers to older requests are dropped
+  pending: false,    // a request is in flight
+  snapshot: null,    // {text, start, end} when the popup opened; insertion goes there
+  accepting: false,  // a partial accept (Ctrl+Right) is inserting: the popup stays open
+  // marks: character ranges [start, end) inserted from a suggestion (machine-written text)
+  marks: [],
+  pendingMark: null, // set just before our own insertion; applied by the input handler
+  lastValue: "",     // the text before the latest edit, to move the marks along with it
+  // draft and pre-computation
+  draftTimer: null,  // the draft is kept shortly after typing stops
+  pauseTimer: null,  // a pause in typing starts a pre-computation
+  prefetching: false, // a pre-computation is in flight
+  prefetchSeq: 0,    // pre-computation counter; only the newest one clears `prefetching`
+  // documents
+  current: readStore(CURRENT_KEY, { id: null, owner_key: null }), // {id, owner_key} being edited
+  savedText: null,   // text as last saved or loaded, to know when there is unsaved work
+  readOnly: false,   // a shared document opened by its link
 };
 
 function readStore(key, fallback) {
@@ -35,10 +51,6 @@ function writeStore(key, value) {
 
 // ---- marks: character ranges [start, end) inserted from a suggestion (machine-written text)
 const backdrop = element.querySelector(".tw-backdrop");
-let marks = [];
-let pendingMark = null; // set just before our own insertion; applied by the input handler
-let lastValue = "";
-let readOnly = false;
 
 function mergeMarks(list) {
   const sorted = list.filter(([a, b]) => b > a).sort((x, y) => x[0] - y[0]);
@@ -62,7 +74,7 @@ function shiftMarks(oldValue, newValue) {
   const newEnd = newValue.length - s;
   const delta = newEnd - oldEnd;
   const out = [];
-  for (const [a, b] of marks) {
+  for (const [a, b] of state.marks) {
     if (b <= p) out.push([a, b]);
     else if (a >= oldEnd) out.push([a + delta, b + delta]);
     else {
@@ -70,7 +82,7 @@ function shiftMarks(oldValue, newValue) {
       if (b > oldEnd) out.push([newEnd, b + delta]);
     }
   }
-  marks = mergeMarks(out);
+  state.marks = mergeMarks(out);
 }
 
 function syncBackdrop() {
@@ -89,7 +101,7 @@ function renderMarks() {
   const text = area.value;
   const nodes = [];
   let at = 0;
-  for (const [a, b] of marks) {
+  for (const [a, b] of state.marks) {
     if (a > at) nodes.push(document.createTextNode(text.slice(at, a)));
     const mark = document.createElement("mark");
     mark.className = "tw-machine";
@@ -103,23 +115,22 @@ function renderMarks() {
 }
 
 // ---- draft kept across page reloads (nothing leaves the browser for this)
-let draftTimer = null;
 function keepDraft() {
-  if (readOnly) return; // a shared document being read is not this browser's draft
-  clearTimeout(draftTimer);
-  draftTimer = setTimeout(() => {
+  if (state.readOnly) return; // a shared document being read is not this browser's draft
+  clearTimeout(state.draftTimer);
+  state.draftTimer = setTimeout(() => {
     try { window.localStorage.setItem(DRAFT_KEY, area.value); } catch (e) { /* full or disabled */ }
-    writeStore(MARKS_KEY, marks);
+    writeStore(MARKS_KEY, state.marks);
   }, 250);
 }
 try {
   const saved = window.localStorage.getItem(DRAFT_KEY);
   if (saved && !area.value) {
     area.value = saved;
-    marks = mergeMarks(readStore(MARKS_KEY, []).filter((m) => Array.isArray(m) && m[1] <= saved.length));
+    state.marks = mergeMarks(readStore(MARKS_KEY, []).filter((m) => Array.isArray(m) && m[1] <= saved.length));
   }
 } catch (e) { /* storage disabled: the editor still works */ }
-lastValue = area.value;
+state.lastValue = area.value;
 
 function snapshotNow() {
   return { text: area.value, start: area.selectionStart, end: area.selectionEnd };
@@ -314,7 +325,7 @@ function insert(index) {
 function insertAt(start, end, text, machine) {
   area.focus();
   area.setSelectionRange(start, end);
-  pendingMark = machine ? [start, start + text.length] : null;
+  state.pendingMark = machine ? [start, start + text.length] : null;
   // execCommand keeps the browser's own undo stack (Ctrl+Z undoes the insertion as one step).
   const done = document.execCommand && document.execCommand("insertText", false, text);
   if (!done) {
@@ -333,9 +344,9 @@ function acceptChunk() {
   const match = text.match(FIRST_CHUNK);
   const chunk = match ? match[0] : text;
   const rest = text.slice(chunk.length);
-  accepting = true;
+  state.accepting = true;
   insertAt(snap.start, snap.end, chunk, true);
-  accepting = false;
+  state.accepting = false;
   if (!rest.trim()) { closePopup(); return; }
   // The other suggestions that agree with what was accepted stay offered too.
   const remaining = [];
@@ -350,7 +361,6 @@ function acceptChunk() {
   render();
   placePopup();
 }
-let accepting = false;
 
 area.addEventListener("keydown", (e) => {
   if (e.isComposing || e.keyCode === 229) return; // an IME (Chinese input) owns the keys
@@ -359,7 +369,7 @@ area.addEventListener("keydown", (e) => {
     saveDocument();
     return;
   }
-  if (readOnly) return;
+  if (state.readOnly) return;
   if (state.open && e.key === "ArrowRight" && (e.ctrlKey || e.metaKey) && state.items.length && state.active >= 0) {
     e.preventDefault();
     acceptChunk();
@@ -399,37 +409,34 @@ area.addEventListener("keydown", (e) => {
 // Pre-computation: when the writer pauses, ask for the suggestions at the caret already,
 // so the Tab that often follows a pause is answered at once. Typing again cancels it.
 const PAUSE_MS = 600;
-let pauseTimer = null;
-let prefetching = false;
-let prefetchSeq = 0;
 function schedulePrefetch() {
-  clearTimeout(pauseTimer);
-  if (prefetching) {
-    prefetching = false;
+  clearTimeout(state.pauseTimer);
+  if (state.prefetching) {
+    state.prefetching = false;
     server.cancel_suggestions({}).catch(() => {});
   }
-  pauseTimer = setTimeout(() => {
+  state.pauseTimer = setTimeout(() => {
     if (state.open || document.activeElement !== area || area.selectionStart !== area.selectionEnd) return;
     const prompt = area.value.slice(0, area.selectionStart);
     if (!prompt.trim()) return;
-    const mine = ++prefetchSeq;
-    prefetching = true;
+    const mine = ++state.prefetchSeq;
+    state.prefetching = true;
     server.suggest_for_editor({ text: prompt, round: 0, prefetch: true })
       .catch(() => {})
-      .finally(() => { if (mine === prefetchSeq) prefetching = false; });
+      .finally(() => { if (mine === state.prefetchSeq) state.prefetching = false; });
   }, PAUSE_MS);
 }
 
 area.addEventListener("input", () => {
-  shiftMarks(lastValue, area.value);
-  lastValue = area.value;
-  if (pendingMark) {
-    marks = mergeMarks(marks.concat([pendingMark]));
-    pendingMark = null;
+  shiftMarks(state.lastValue, area.value);
+  state.lastValue = area.value;
+  if (state.pendingMark) {
+    state.marks = mergeMarks(state.marks.concat([state.pendingMark]));
+    state.pendingMark = null;
   }
   renderMarks();
   keepDraft();
-  if (accepting) return; // a partial accept keeps the popup open
+  if (state.accepting) return; // a partial accept keeps the popup open
   if (state.open) closePopup(); // typing dismisses (and cancels) the suggestions
   schedulePrefetch();
 });
@@ -559,16 +566,14 @@ document.addEventListener("mousedown", (e) => {
 const docStatus = element.querySelector(".tw-doc-status");
 const myDocs = element.querySelector(".tw-mydocs");
 const banner = element.querySelector(".tw-readonly-banner");
-let current = readStore(CURRENT_KEY, { id: null, owner_key: null });
-let savedText = null; // text as last saved or loaded, to know when there is unsaved work
 
 function setCurrent(id, ownerKey) {
-  current = { id, owner_key: ownerKey };
-  writeStore(CURRENT_KEY, current);
+  state.current = { id, owner_key: ownerKey };
+  writeStore(CURRENT_KEY, state.current);
 }
 
 function setReadOnly(flag) {
-  readOnly = flag;
+  state.readOnly = flag;
   area.readOnly = flag;
   banner.hidden = !flag;
 }
@@ -593,18 +598,18 @@ function remember(doc) {
 }
 
 async function saveDocument() {
-  if (readOnly) { say("This shared document is read-only: use “Edit a copy” first."); return null; }
+  if (state.readOnly) { say("This shared document is read-only: use “Edit a copy” first."); return null; }
   say("Saving…");
   let answer;
   try {
-    answer = await server.save_document({ text: area.value, marks, id: current.id, owner_key: current.owner_key });
+    answer = await server.save_document({ text: area.value, marks: state.marks, id: state.current.id, owner_key: state.current.owner_key });
   } catch (e) {
     answer = { error: "The server did not answer; your text is still here and in this browser." };
   }
   if (!answer || answer.error) { say((answer && answer.error) || "Saving failed."); return null; }
   setCurrent(answer.id, answer.owner_key);
-  remember(current);
-  savedText = area.value;
+  remember(state.current);
+  state.savedText = area.value;
   say(`Saved at ${new Date().toLocaleTimeString()}.`);
   return answer;
 }
@@ -616,16 +621,16 @@ function shareUrl(id) {
 function showDocument(doc, editable) {
   closePopup();
   area.value = doc.text;
-  lastValue = area.value;
-  marks = mergeMarks((doc.marks || []).filter((m) => Array.isArray(m) && m[1] <= doc.text.length));
-  savedText = doc.text;
+  state.lastValue = area.value;
+  state.marks = mergeMarks((doc.marks || []).filter((m) => Array.isArray(m) && m[1] <= doc.text.length));
+  state.savedText = doc.text;
   renderMarks();
   setReadOnly(!editable);
   if (editable) keepDraft();
 }
 
 async function saveIfChanged() {
-  if (!readOnly && area.value.trim() && area.value !== savedText) await saveDocument();
+  if (!state.readOnly && area.value.trim() && area.value !== state.savedText) await saveDocument();
 }
 
 async function refreshMyDocs() {
@@ -644,8 +649,8 @@ async function refreshMyDocs() {
 
 element.querySelector(".tw-save").addEventListener("click", saveDocument);
 element.querySelector(".tw-share").addEventListener("click", async () => {
-  const answer = readOnly ? current : await saveDocument();
-  const id = readOnly ? new URLSearchParams(window.location.search).get("doc") : answer && answer.id;
+  const answer = state.readOnly ? state.current : await saveDocument();
+  const id = state.readOnly ? new URLSearchParams(window.location.search).get("doc") : answer && answer.id;
   if (!id) return;
   const url = shareUrl(id);
   try { await navigator.clipboard.writeText(url); say("Link copied (read-only):", url); } catch (e) { say("Read-only link:", url); }
@@ -675,7 +680,7 @@ myDocs.addEventListener("change", async () => {
 element.querySelector(".tw-copy-shared").addEventListener("click", () => {
   setCurrent(null, null);
   setReadOnly(false);
-  savedText = null;
+  state.savedText = null;
   window.history.replaceState(null, "", window.location.pathname);
   keepDraft();
   say("Editing your own copy; Save keeps it.");

@@ -10,11 +10,11 @@ from pathlib import Path
 import anyio
 import gradio as gr
 
-from editor.documents import DocumentError, DocumentStore
+from editor import service as handlers
+from editor.documents import DocumentStore
 from editor.service import SuggestService
-from models import loading, scoring
-from models.engine import EngineError
-from models.registry import EMBEDDED, ModelNotFound
+from models.core import EngineError
+from models.registry import EMBEDDED, ModelLoadError, ModelNotFound
 from models.settings import LIMITS, Settings, validate
 
 HERE = Path(__file__).parent
@@ -64,6 +64,13 @@ def _disconnect_check(request):
     return gone
 
 
+def _or_raise(answer: dict) -> dict:
+    """A handler's answer for the API: {"error": line} becomes the API's error answer."""
+    if isinstance(answer, dict) and "error" in answer:
+        raise gr.Error(answer["error"])
+    return answer
+
+
 def build_demo(service: SuggestService, store: DocumentStore | None = None) -> gr.Blocks:
     store = store or DocumentStore()
 
@@ -85,35 +92,26 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         return service.progress(_session_of(request))
 
     def score_for_editor(args, request: gr.Request) -> dict:
-        return service.score_for_session(_session_of(request), str(_one_dict(args).get("text", "")))
+        return service.score(str(_one_dict(args).get("text", "")), session_id=_session_of(request))
 
     def save_document(args) -> dict:
         payload = _one_dict(args)
-        try:
-            return store.save(
-                str(payload.get("text", "")), payload.get("marks"), payload.get("id"), payload.get("owner_key")
-            )
-        except DocumentError as e:
-            return {"error": f"Not saved: {e}."}
+        return handlers.save(store, payload.get("text"), payload.get("marks"), payload.get("id"), payload.get("owner_key"))
 
     def load_document(args) -> dict:
-        try:
-            return store.load(str(_one_dict(args).get("id", "")))
-        except DocumentError as e:
-            return {"error": f"Cannot open: {e}."}
+        return handlers.load(store, _one_dict(args).get("id"))
 
     def list_documents(args) -> list:
         ids = _one_dict(args).get("ids")
         return store.summaries(ids if isinstance(ids, list) else [])
 
+    # The API: the same handlers; a failure is the API's error answer (gr.Error) with the same line.
+
     def save(
         text: str, marks: list[list[int]] | None = None, doc_id: str = "", owner_key: str = "", request: gr.Request = None
     ) -> dict:
         """Save a document (and the ranges of machine-written text); returns its id, owner key and share URL."""
-        try:
-            saved = store.save(text or "", marks, doc_id or None, owner_key or None)
-        except DocumentError as e:
-            raise gr.Error(str(e)) from None
+        saved = _or_raise(handlers.save(store, text, marks, doc_id, owner_key))
         headers = request.headers if request is not None else {}
         host = headers.get("host", "127.0.0.1:7860")
         scheme = headers.get("x-forwarded-proto", "http")  # https behind a proxy such as Spaces
@@ -121,20 +119,11 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
 
     def load(doc_id: str) -> dict:
         """A saved document's text and marks, by id."""
-        try:
-            return store.load(doc_id)
-        except DocumentError as e:
-            raise gr.Error(str(e)) from None
+        return _or_raise(handlers.load(store, doc_id))
 
     def score(text: str, model: str = "") -> dict:
         """Perplexity, bits per character and each token's probability, rank and top alternatives."""
-        try:
-            result = scoring.score(service.engine(model or None), text or "")
-        except (ModelNotFound, loading.ModelLoadError) as e:
-            raise gr.Error(str(e)) from None
-        if "error" in result:
-            raise gr.Error(result["error"])
-        return result
+        return _or_raise(service.score(text or "", model or None))
 
     def cancel_suggestions(args, request: gr.Request) -> bool:
         service.cancel(_session_of(request))
@@ -155,16 +144,13 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         model = (model or "").strip() or service.default_model
         try:
             engine = service.engine(model)  # loads (and converts once) if needed
-        except (ModelNotFound, loading.ModelLoadError) as e:
-            entry = service.session(_session_of(request))
-            service.update_settings(_session_of(request), entry["model"], raw)
-            return f"⚠️ {e}. Still using **{entry['model']}**."
+        except (ModelNotFound, ModelLoadError) as e:
+            current = service.session(_session_of(request)).model
+            service.update_settings(_session_of(request), current, raw)
+            return f"⚠️ {e}. Still using **{current}**."
         settings, notes = service.update_settings(_session_of(request), model, raw)
-        loaded = getattr(engine, "loaded", None)  # None for a model on a server (models/remote.py)
-        # On a CPU: how its matmuls run, as chosen for this machine (models/tuning.py).
-        device = engine.device.type + (f" · {loaded.weights}" if loaded is not None and loaded.weights else "")
         text = (
-            f"Model **{engine.name}** ready ({device}). Temperature {settings.temperature:g} · top-k {settings.top_k}"
+            f"Model **{engine.name}** ready ({engine.describe()}). Temperature {settings.temperature:g} · top-k {settings.top_k}"
             f" · top-p {settings.top_p:g} · lengths {'/'.join(map(str, settings.lengths))} · ≤ {settings.max_time:g} s per Tab."
         )
         if notes:
@@ -186,7 +172,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         )
         try:
             _, result = service.suggest(text or "", settings, model or None)
-        except (ModelNotFound, loading.ModelLoadError, EngineError) as e:
+        except (ModelNotFound, ModelLoadError, EngineError) as e:
             raise gr.Error(str(e)) from None
         if not result.suggestions and result.message:
             raise gr.Error(result.message)

@@ -21,8 +21,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from models import decode
-from models.steps import longest_common_prefix, prefill
+from models.steps import decode_step, longest_common_prefix, prefill
 
 
 def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -231,20 +230,7 @@ class BatchKV:
             # [rows, 1, 1, width] serves them all. Given even when nothing is padded: PyTorch's
             # CPU attention for a single query runs ~15 % faster with a mask than without one.
             attention = self.mask.bool()[:, None, None, :]
-            plan = decode.plan_for(model)
-            if plan is not None:  # the step written out (models/decode.py)
-                logits = decode.step(plan, self.cache, tokens, self.positions, attention)
-                self.positions = self.positions + 1
-                self.width += 1
-                return logits
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=attention,
-            position_ids=self.positions[:, None],
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits = decode_step(model, tokens, self.cache, self.positions, attention)
         self.positions = self.positions + 1
         self.width += 1
-        return out.logits[:, -1, :]
+        return logits

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from models.registry import ModelNotFound, ModelSource, resolve
+from models.registry import ModelLoadError, ModelNotFound, ModelSource, resolve  # noqa: F401  (ModelLoadError: raised here)
 
 log = logging.getLogger("tabwrite")
 
@@ -31,8 +31,6 @@ CACHE_ENV = "TABWRITE_CACHE"
 KEEP_IN_MEMORY = 3  # models kept loaded in this process
 
 
-class ModelLoadError(Exception):
-    """A model could not be loaded. The message is one line for the user."""
 
 
 @dataclass

@@ -20,6 +20,10 @@ class ModelNotFound(Exception):
     """The spec names no model this machine can load. The message is one line for the user."""
 
 
+class ModelLoadError(Exception):
+    """A model could not be loaded (models/loading.py). The message is one line for the user."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
     name: str  # what the user sees

@@ -2,9 +2,10 @@
 
     python app.py --backend openai --endpoint http://gpu-box:8000   # vLLM, TGI, llama.cpp's server
 
-``OpenAICompletionsBackend`` stands in for models/engine.py's ``SuggestionEngine`` where the
-service and the page use it (``name``, ``device.type``, ``suggest`` -> ``SuggestResult``), so
-the editor's features stay what they are:
+``OpenAICompletionsBackend`` is a Backend (models/core.py) like models/engine.py's
+``SuggestionEngine``: the start and the end of a press, the rows and their rules are the same
+code (models/core.py); only where the tokens come from differs. So the editor's features stay
+what they are:
 
 - **increasing lengths**: the rows are sampled with the press's temperature, top-k and top-p and
   cut into suggestions exactly as the local engine cuts them (a newline ends a row; a row stops
@@ -24,7 +25,8 @@ and whether it returns log-probabilities at little cost (llama-cpp-python's serv
 whole vocabulary in Python for each token it reports them for: 20x slower on Gemma's 262k
 tokens, so there suggestions come without the confidence bar and the perplexity view says why).
 
-Only the standard library is used (http.client, one reader thread per request).
+Only the standard library is used (http.client, one reader thread per request): importing
+this module imports no torch (scoring's server half is models/scoring.py ``score_remote``).
 """
 
 from __future__ import annotations
@@ -43,24 +45,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from models import scoring, textcut
-from models.engine import EngineError, Suggestion, SuggestResult, clean_prompt
+from models.core import MARKUP, Ask, Backend, EngineError, Row, SuggestResult, collect, repeats
 from models.registry import ModelNotFound
-from models.settings import Settings, targets
-
-EMPTY_TEXT = "Type a few words first, then press Tab."
-NOTHING_TO_ADD = "The model had nothing to add here; try Tab again or write a little more."
-NO_PROMPT_LOGPROBS = "The perplexity view needs a local model or a server that returns prompt logprobs"
+from models.settings import Settings
 
 _CHARS_PER_TOKEN = 4  # for cutting the prompt without the server's tokenizer (a CJK character counts 1 token)
 _POLL_S = 0.05  # how often a waiting request checks the time budget and cancellation
 _CONNECT_TIMEOUT_S = 10.0
 _SCORE_TIMEOUT_S = 120.0  # per scoring window
-_SCORE_WINDOW_CHARS = 2000  # text scored per request (about 500 tokens, like models/scoring.py's windows)
-_SCORE_CONTEXT_CHARS = 256  # text of the previous window re-read as context
-_SCORE_MAX_CHARS = 16000  # longer documents: their end is scored (about scoring.MAX_TOKENS tokens)
-_RANKS_KNOWN = 10  # top log-probabilities asked per scored token: ranks up to this are exact
-# Markup a model may spell out as text; it ends a suggestion, as the engine's control tokens do.
-_CONTROL = re.compile(r"<(?:start|end)_of_[a-z_]+>|<(?:bos|eos|pad|unk|mask)>|</s>|<\|[a-z_]+\|>")
 
 
 def cut_prompt(text: str, context_tokens: int) -> tuple[str, bool]:
@@ -100,64 +92,26 @@ def _split_blanks(prompt: str) -> tuple[str, str]:
     return stripped, prompt[len(stripped):]
 
 
-class _Row:
-    """One suggestion being streamed: its text so far, tokens, log-probability, final text once done."""
+class ServerRow(Row):
+    """A row read from a server's stream: text arrives as pieces, with the writer's trailing blanks to skip."""
 
     def __init__(self, target: int, blanks: str):
-        self.target, self.cap, self.blanks = target, textcut.hard_cap(target), blanks
-        self.raw, self.text, self.tokens = "", "", 0
-        self.logprob, self.scored = 0.0, 0
-        self.final: str | None = None
+        super().__init__(target)
+        self.blanks, self.raw = blanks, ""
 
-    def _visible(self) -> str:
-        raw = self.raw.lstrip(" \t") if self.blanks else self.raw  # the writer already typed the blank
-        return textcut.clean_control(textcut.utf8_safe(raw))
-
-    def add(self, piece: str, tokens: int, logprobs: list) -> None:
-        previous = self.text
+    def take(self, piece: str, tokens: int, logprobs: list) -> None:
+        """The next ``piece`` of text the server sent, ``tokens`` tokens long."""
         self.raw += piece
-        self.tokens += tokens
-        for value in logprobs:
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.logprob, self.scored = self.logprob + value, self.scored + 1
-        self.text = self._visible()
-        control = _CONTROL.search(self.text)
+        raw = self.raw.lstrip(" \t") if self.blanks else self.raw  # the writer already typed the blank
+        text = textcut.clean_control(textcut.utf8_safe(raw))
+        control = MARKUP.search(text)
         if control is not None:
-            self.text = self.text[: control.start()]
-            self.final = self.text  # like the engine's stop tokens: the row ends before it
+            text = text[: control.start()]
+            final = text  # like the engine's stop tokens: the row ends before it
         else:
-            self.final = textcut.row_final(previous, self.text, self.tokens, self.target)
-
-    def end(self, reason: str | None) -> None:
-        """The server ended the row: "stop" (end of text), "length" (max_tokens), None (cut off)."""
-        if self.final is None:
-            self.final = self.text if reason == "stop" else (textcut.complete_prefix(self.text) or self.text)
-
-    def suggestion(self) -> Suggestion:
-        mean = self.logprob / self.scored if self.scored else float("nan")  # nan: the server gave none
-        return Suggestion(self.final.rstrip(" \t"), self.tokens, mean)
-
-
-def _either(is_cancelled: Callable[[], bool], caller_gone: Callable[[], bool]) -> Callable[[], bool]:
-    """``is_cancelled``, or ``caller_gone`` asked at most every 0.2 s (it may cost a system call)."""
-    asked = [0.0]
-
-    def check() -> bool:
-        if is_cancelled():
-            return True
-        now = time.perf_counter()
-        if now - asked[0] < 0.2:
-            return False
-        asked[0] = now
-        return bool(caller_gone())
-
-    return check
-
-
-def _collect(rows: list[_Row]) -> list[Suggestion]:
-    """The finished, non-empty rows as suggestions, shortest first."""
-    found = [row.suggestion() for row in rows if row.final is not None and row.final.strip()]
-    return sorted(found, key=lambda s: len(s.text))
+            final = self.ending(text, self.tokens + tokens)
+        self.add(text, tokens, logprobs)
+        self.final = final
 
 
 class ServerAnswerError(EngineError):
@@ -302,8 +256,8 @@ class _Stream:
                 pass
 
 
-class OpenAICompletionsBackend:
-    """A model served by an OpenAI-compatible ``/v1/completions`` endpoint, used like a SuggestionEngine."""
+class OpenAICompletionsBackend(Backend):
+    """A model served by an OpenAI-compatible ``/v1/completions`` endpoint."""
 
     def __init__(
         self,
@@ -329,6 +283,31 @@ class OpenAICompletionsBackend:
 
     def __repr__(self) -> str:  # never shows the API key
         return f"OpenAICompletionsBackend({self.endpoint!r}, model={self.model!r})"
+
+    def describe(self) -> str:
+        return self.device.type  # the server's host:port
+
+    def serve(self, stop: threading.Event | None = None) -> None:
+        """Nothing runs here between requests: the calling thread only waits for ``stop``."""
+        stop = stop or threading.Event()
+        while not stop.wait(timeout=0.5):  # in slices, so Ctrl-C reaches the main thread
+            pass
+
+    def score(self, text: str, alternatives: int = scoring.ALTERNATIVES, on_progress: Callable[[float], None] | None = None) -> dict:
+        return scoring.score_remote(self, text, alternatives, on_progress)
+
+    def echo_logprobs(self, prompt: str, top: int) -> dict | None:
+        """The server's ``logprobs`` of ``prompt`` read back (echo), with the ``top`` likeliest at each token."""
+        _, data = self._request_json(
+            "POST",
+            "/v1/completions",
+            {"model": self.model, "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": top, "temperature": 0.0},
+            timeout=_SCORE_TIMEOUT_S,
+        )
+        try:
+            return data["choices"][0]["logprobs"]
+        except (KeyError, IndexError, TypeError):
+            return None
 
     @classmethod
     def connect(
@@ -548,39 +527,18 @@ class OpenAICompletionsBackend:
         per_token = gaps[len(gaps) // 2] if gaps else 0.0  # the median: one stall does not count
         return len(indices), per_token, got_logprobs
 
-    # -- one Tab press
+    # -- one Tab press (models/core.py's Backend.suggest calls this)
 
-    def suggest(
-        self,
-        text: str,
-        settings: Settings,
-        round_: int = 0,
-        is_cancelled: Callable[[], bool] = lambda: False,
-        seed: int | None = None,
-        on_update: Callable[[list[Suggestion]], None] | None = None,
-        caller_gone: Callable[[], bool] | None = None,
-    ) -> SuggestResult:
-        """Sample suggestions for the end of ``text`` on the server (the engine's ``suggest``).
-
-        ``is_cancelled`` is asked between chunks and every 50 ms, ``caller_gone`` (as with the
-        engine: e.g. whether the HTTP client is still connected) about every 0.2 s; either one
-        cancels the press and closes the connection.
-        """
-        started = time.perf_counter()
-        result = SuggestResult()
-        text = clean_prompt(text or "")
-        if not text.strip():
-            result.message = EMPTY_TEXT
-            return result
-        if caller_gone is not None:
-            is_cancelled = _either(is_cancelled, caller_gone)
-        if is_cancelled():
+    def produce(self, ask: Ask) -> None:
+        """The rows from the server: one streamed request, or one per row; the connection is
+        closed when the press runs out of time or is cancelled (checked every 50 ms)."""
+        watch, result, settings = ask.watch, ask.result, ask.settings
+        if watch.cancelled():
             result.cancelled = True
-            return result
-        deadline = started + settings.max_time
-        prompt, result.truncated = cut_prompt(text, settings.context_tokens)
+            return
+        prompt, result.truncated = cut_prompt(ask.text, settings.context_tokens)
         prompt, blanks = _split_blanks(prompt)
-        rows = [_Row(t, blanks) for t in targets(settings, round_)]
+        rows = [ServerRow(t, blanks) for t in ask.wanted]
         # All rows in one request where the server honours n, else one request per row, shortest first.
         groups = [list(range(len(rows)))] if self.features.choices else [[i] for i in range(len(rows))]
         for group in groups:
@@ -589,32 +547,27 @@ class OpenAICompletionsBackend:
                 settings,
                 n=len(group),
                 max_tokens=max(rows[i].cap for i in group),
-                seed=None if seed is None else int(seed) + group[0],
+                seed=None if ask.seed is None else int(ask.seed) + group[0],
                 logprobs=self.features.logprobs,
             )
-            if self._stream_rows(body, [rows[i] for i in group], rows, deadline, is_cancelled, on_update, result, started):
+            if self._stream_rows(body, [rows[i] for i in group], rows, ask):
                 break
         for row in rows:
-            row.end(None)  # rows cut short by time or cancel end on a whole word
-        result.suggestions = _collect(rows)
+            row.end()  # rows cut short by time or cancel end on a whole word
+        result.suggestions = collect(rows)
         result.steps = max(row.tokens for row in rows)
-        result.elapsed_s = time.perf_counter() - started
-        if result.timed_out:
-            result.message = f"Stopped at the {settings.max_time:g} s time limit."
-        if not result.suggestions and not result.message and not result.cancelled:
-            result.message = NOTHING_TO_ADD
-        return result
 
-    def _stream_rows(self, body, group, rows, deadline, is_cancelled, on_update, result, started) -> bool:
+    def _stream_rows(self, body: dict, group: list[ServerRow], rows: list[ServerRow], ask: Ask) -> bool:
         """Read one request's stream into ``group``'s rows. True when the press must stop (time, cancel)."""
-        stream = self._open(body, max(1.0, deadline - time.perf_counter()) + _CONNECT_TIMEOUT_S)
+        watch, result = ask.watch, ask.result
+        stream = self._open(body, max(1.0, watch.left()) + _CONNECT_TIMEOUT_S)
         answered = False
         try:
             while True:
-                if is_cancelled():
+                if watch.cancelled() or watch.ask_caller():
                     result.cancelled = True
                     return True
-                remaining = deadline - time.perf_counter()
+                remaining = watch.left()
                 if remaining <= 0:
                     result.timed_out = True
                     return True
@@ -636,15 +589,15 @@ class OpenAICompletionsBackend:
                 result.steps = max(row.tokens for row in rows)
                 if finished_now:
                     if result.first_ready_s is None:
-                        result.first_ready_s = time.perf_counter() - started
-                    if on_update is not None:
-                        on_update(_collect(rows))  # for streaming: rows done so far
+                        result.first_ready_s = time.perf_counter() - watch.started
+                    if ask.on_update is not None:
+                        ask.on_update(collect(rows))  # for streaming: rows done so far
                 if all(row.final is not None for row in group):
                     return False
         finally:
             stream.close()
 
-    def _read_chunk(self, chunk: dict, group: list[_Row], rows: list[_Row], result: SuggestResult) -> bool:
+    def _read_chunk(self, chunk: dict, group: list[ServerRow], rows: list[ServerRow], result: SuggestResult) -> bool:
         """Apply one streamed chunk; True when a row finished with it."""
         usage = chunk.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
@@ -662,126 +615,10 @@ class OpenAICompletionsBackend:
             tokens = lp.get("tokens") if isinstance(lp.get("tokens"), list) else []
             values = lp.get("token_logprobs") if isinstance(lp.get("token_logprobs"), list) else []
             if piece or tokens:
-                row.add(piece, len(tokens) or 1, values)
-                if (
-                    row.final is not None
-                    and row.tokens < row.cap
-                    and any(q is not row and q.final is not None and q.final.strip() == row.final.strip() for q in rows)
-                ):
+                row.take(piece, len(tokens) or 1, values)
+                if row.final is not None and repeats(rows, row, row.final, row.tokens < row.cap):
                     row.final = None  # the same as another suggestion: go on until it says something else
             if row.final is None and choice.get("finish_reason"):
                 row.end(choice["finish_reason"])
             finished_now = finished_now or row.final is not None
         return finished_now
-
-    # -- the perplexity view
-
-    def score(self, text: str, alternatives: int = 5, on_progress: Callable[[float], None] | None = None) -> dict:
-        """models/scoring.py's result, from the server's log-probabilities of the echoed prompt.
-
-        The text is scored in windows of about 500 tokens that re-read the end of the previous
-        one as context. Ranks are exact up to 10 (the top log-probabilities asked for); a token
-        the model ranks lower gets ``rank`` None and ``rank_above``: how many tokens are known to
-        be more likely.
-        """
-        try:
-            return self._score(clean_prompt(text or ""), alternatives, on_progress)
-        except EngineError as e:
-            return {"error": f"Not scored: {e}."}
-
-    def _score(self, text: str, alternatives: int, on_progress: Callable[[float], None] | None) -> dict:
-        if not text.strip():
-            return {"error": "Nothing to score: the document is empty."}
-        if not self.features.logprobs:
-            return {"error": f"{NO_PROMPT_LOGPROBS} ({self.features.note or 'this one does not'})."}
-        truncated = len(text) > _SCORE_MAX_CHARS
-        cut = 0
-        if truncated:
-            cut = len(text) - _SCORE_MAX_CHARS
-            space = re.search(r"\s", text[cut : cut + 64])
-            cut += space.end() if space else 0
-            text = text[cut:]
-        windows = self._score_windows(text)
-        asked = max(alternatives, _RANKS_KNOWN)
-        starts: list[int] = []
-        scored: list[tuple[str, float | None, dict]] = []  # (server's token, log-probability, top log-probabilities)
-        for n, (start, end) in enumerate(windows):
-            context = self._context_start(text, start)
-            prompt = text[context:end]
-            _, data = self._request_json(
-                "POST",
-                "/v1/completions",
-                {
-                    "model": self.model, "prompt": prompt, "max_tokens": 1, "echo": True,
-                    "logprobs": asked, "temperature": 0.0,
-                },
-                timeout=_SCORE_TIMEOUT_S,
-            )
-            try:
-                lp = data["choices"][0]["logprobs"]
-                tokens, offsets = lp["tokens"], lp["text_offset"]
-                values, tops = lp["token_logprobs"], lp["top_logprobs"]
-            except (KeyError, IndexError, TypeError):
-                return {"error": f"{NO_PROMPT_LOGPROBS} ({self.endpoint} did not)."}
-            # The offsets must point at the tokens in the prompt (a server that counted a special
-            # token's text would shift them all): most tokens are found where they are said to be.
-            placed = [(str(t), o) for t, o in zip(tokens, offsets) if isinstance(o, int) and o < len(prompt)]
-            if sum(1 for t, o in placed if t and prompt.startswith(t, o)) < 0.5 * len(placed):
-                return {"error": f"{NO_PROMPT_LOGPROBS} ({self.endpoint} sent token offsets that do not match the text)."}
-            for token, offset, value, top in zip(tokens, offsets, values, tops):
-                absolute = context + int(offset)
-                if absolute < start or absolute >= end:
-                    continue  # context re-read, or the one generated token
-                starts.append(absolute)
-                scored.append((str(token), value, top if isinstance(top, dict) else {}))
-            if on_progress is not None:
-                on_progress((n + 1) / len(windows))
-        if not starts:
-            return {"error": f"{NO_PROMPT_LOGPROBS} ({self.endpoint} returned none)."}
-        starts[0] = 0
-        spans = [(s, e) for s, e in zip(starts, starts[1:] + [len(text)])]
-        results, total_nll, scored_chars = [], 0.0, 0
-        for (s, e), (token, value, top) in zip(spans, scored):
-            e = max(e, s)
-            piece = text[s:e]
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                results.append({"text": piece, "start": s, "end": e, "prob": None, "rank": None, "alternatives": []})
-                continue
-            total_nll -= value
-            scored_chars += e - s
-            listed = {str(t): float(v) for t, v in top.items() if isinstance(v, (int, float))}
-            better = sum(1 for t, v in listed.items() if v > value and t != token)
-            # The server lists the top log-probabilities, plus the token itself where it is not
-            # among them (llama.cpp, vLLM): then all that is known is that it ranks lower.
-            known = token in listed and (len(listed) <= asked or better + 1 < len(listed))
-            ranked = sorted(((t, v) for t, v in listed.items() if not _CONTROL.fullmatch(t)), key=lambda item: -item[1])
-            entry = {
-                "text": piece, "start": s, "end": e, "prob": math.exp(value),
-                "rank": better + 1 if known else None,
-                "alternatives": [{"text": t, "prob": math.exp(v)} for t, v in ranked[:alternatives]],
-            }
-            if not known:
-                entry["rank_above"] = better
-            results.append(entry)
-        return dict(scoring.summary(self.name, results, total_nll, scored_chars, truncated, cut), rank_limit=_RANKS_KNOWN)
-
-    @staticmethod
-    def _score_windows(text: str) -> list[tuple[int, int]]:
-        """Character windows of about _SCORE_WINDOW_CHARS, ending before a space where one is near."""
-        windows, start = [], 0
-        while start < len(text):
-            end = min(len(text), start + _SCORE_WINDOW_CHARS)
-            if end < len(text):
-                space = text.rfind(" ", start + _SCORE_WINDOW_CHARS // 2, end)
-                end = space if space > start else end  # a model's token starts with the space
-            windows.append((start, end))
-            start = end
-        return windows
-
-    @staticmethod
-    def _context_start(text: str, start: int) -> int:
-        if start == 0:
-            return 0
-        context = max(0, start - _SCORE_CONTEXT_CHARS)
-        space = text.find(" ", context, start)
-        return space if space >= 0 else context

@@ -1,13 +1,17 @@
 """The model steps of a Tab press as small plain functions (after gpt-fast's generate.py).
 
-prefill -> (sample -> decode_step)*: the engine and the batching code call these and
-nothing else of the model, so this file is all there is to read about what runs.
+prefill -> (sample -> decode_step)*, and read_all for the perplexity view: the engine, the
+batching code and scoring call these and nothing else of the model, so this file is all there
+is to read about what runs (decode_step hands Gemma 3 and Llama to models/decode.py's step,
+written out).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
+from models import decode
 
 
 @torch.inference_mode()
@@ -18,10 +22,38 @@ def prefill(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor
 
 
 @torch.inference_mode()
-def decode_step(model, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """One token for each row: tokens [B] -> next-token logits [B, V]."""
-    out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+def decode_step(
+    model,
+    tokens: torch.Tensor,
+    cache: DynamicCache,
+    positions: torch.Tensor | None = None,
+    attention: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token for each row: tokens [B] -> next-token logits [B, V].
+
+    ``positions`` [B]: each row's position (rows of a batch may be left-padded); ``attention``
+    [B, 1, 1, width] (True = a real token), given when every layer holds every token: then
+    Gemma 3 and Llama run the step written out (models/decode.py, ~8 ms a step less).
+    """
+    if attention is not None and positions is not None:
+        plan = decode.plan_for(model)
+        if plan is not None:
+            return decode.step(plan, cache, tokens, positions, attention)
+    out = model(
+        input_ids=tokens[:, None],
+        attention_mask=attention,
+        position_ids=None if positions is None else positions[:, None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1, :]
+
+
+@torch.inference_mode()
+def read_all(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits at every position of one text, no cache (scoring): input_ids [1, T] -> [T, V] in fp32."""
+    return model(input_ids=input_ids).logits[0].float()
 
 
 def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

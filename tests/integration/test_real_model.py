@@ -123,7 +123,7 @@ def test_app_exits_with_one_line_for_unknown_model():
         [sys.executable, "app.py", "--model", "no-such-model-xyz", "--port", "0"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr  # README, "Bad input": one line and exit 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("tabwrite:")]
     assert len(lines) == 1 and "no-such-model-xyz" in lines[0]

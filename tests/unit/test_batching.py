@@ -7,6 +7,7 @@ alone: left padding, per-row positions and dropping rows must not change a singl
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -141,7 +142,7 @@ def test_presses_arriving_together_share_forward_passes_and_match_alone(engine):
         for t in threads:
             t.start()
         until = time.monotonic() + 10
-        while time.monotonic() < until and len(engine._waiting) + sum(len(g.presses()) for g in engine._groups) < 3:
+        while time.monotonic() < until and engine.queue.pending() + sum(len(b.presses()) for b in engine.batches) < 3:
             time.sleep(0.01)
     for t in threads:
         t.join(timeout=60)
@@ -160,28 +161,45 @@ def test_a_failing_press_does_not_stop_the_others(engine):
     with pytest.raises(RuntimeError, match="boom"):
         engine.suggest("The quick brown fox", settings, is_cancelled=broken_cancel_check)
     result = engine.suggest("The quick brown fox", settings, seed=0)
-    assert result.steps > 0 and not result.cancelled and engine._worker is not None
+    assert result.steps > 0 and not result.cancelled and engine.queue.worker is not None
     assert result.texts == engine.suggest("The quick brown fox", settings, seed=0).texts
 
 
 def test_cancelled_press_leaves_the_batch_and_others_finish(engine):
     settings = Settings(lengths=[40], num_suggestions=2, max_time=30)
-    stop = threading.Event()
+    short = Settings(lengths=[4], num_suggestions=1, max_time=30)
+    alone = engine.suggest("I went to the store", short, seed=2)
+    asked = itertools.count()
+
+    def cancelled_after_two_steps() -> bool:  # asked when the press is admitted, then after each step
+        return next(asked) >= 2
+
     results = {}
 
-    def long_press():
-        results["long"] = engine.suggest("The quick brown fox", settings, is_cancelled=stop.is_set, seed=1)
+    def press(name, text, settings, **kwargs):
+        results[name] = engine.suggest(text, settings, **kwargs)
 
-    t = threading.Thread(target=long_press)
-    with engine.lock:
-        t.start()
-        time.sleep(0.05)
-    other = engine.suggest("I went to the store", Settings(lengths=[4], num_suggestions=1), seed=2)
-    stop.set()
-    t.join(timeout=30)
-    assert other.suggestions and not other.cancelled
-    assert results["long"].cancelled or results["long"].steps < 60
-    assert not engine._groups or all(g.presses() for g in engine._groups)
+    threads = [
+        threading.Thread(target=press, args=("long", "The quick brown fox", settings), kwargs={"is_cancelled": cancelled_after_two_steps, "seed": 1}),
+        threading.Thread(target=press, args=("other", "I went to the store", short), kwargs={"seed": 2}),
+    ]
+    posted = engine.queue.posted
+    with engine.lock:  # both are posted before the first of them runs a step: they share a batch
+        for n, t in enumerate(threads, 1):
+            t.start()
+            until = time.monotonic() + 10
+            while engine.queue.posted < posted + n and time.monotonic() < until:
+                time.sleep(0.001)
+    for t in threads:
+        t.join(timeout=60)
+    long_, other = results["long"], results["other"]
+    assert long_.cancelled and long_.steps == 2  # rows of 40 tokens: only the cancel ends it there
+    assert other.peak_batch == 2 and not other.cancelled
+    assert other.texts == alone.texts  # the cancelled rows left the batch without touching the others
+    until = time.monotonic() + 10  # the worker drops the empty batch right after the last press's answer
+    while engine.batches and time.monotonic() < until:
+        time.sleep(0.001)
+    assert not engine.batches
 
 
 def test_press_whose_caller_went_away_is_cancelled(engine):
@@ -204,7 +222,7 @@ def test_press_whose_caller_went_away_is_cancelled(engine):
 def test_serve_here_runs_presses_on_the_given_thread_and_hands_over_when_stopped(engine):
     stop = threading.Event()
     served_by = []
-    here = threading.Thread(target=engine.serve_here, args=(stop,), name="resident")
+    here = threading.Thread(target=engine.serve, args=(stop,), name="resident")
     here.start()
     time.sleep(0.1)
     result = engine.suggest("The quick brown fox", Settings(lengths=[4], num_suggestions=1), seed=0,

@@ -16,7 +16,8 @@ import transformers
 from transformers import DynamicCache
 
 from models import textcut
-from models.engine import SuggestionEngine, SuggestResult, VocabIndex, _Press, clean_prompt
+from models.core import Row, clean_prompt, repeats
+from models.engine import SuggestionEngine, VocabIndex
 from models.loading import LoadedModel
 from models.settings import Settings, targets
 from models.steps import decode_step, forbid_unlikely_stop, longest_common_prefix, prefill, sample
@@ -368,19 +369,17 @@ def test_rows_that_would_end_alike_say_something_else(tok):
 
 def test_a_repeat_goes_on_past_its_own_hard_cap_while_the_press_has_steps():
     # Seen on Gemma: at its hard cap (8 tokens) the shortest row read " the 5-year-old", was cut
-    # back to its last whole word, " the", and so said what another row said.
-    press = _Press(
-        text="A short test of", settings=Settings(), wanted=[4, 12], started=0.0, deadline=0.0,
-        is_cancelled=lambda: False, on_update=None, generator=None, result=SuggestResult(),
-    )
-    press.max_steps = textcut.hard_cap(12)
-    press.finals = [None, "the"]
-    press.rows = [[7] * textcut.hard_cap(4), [7] * 3]  # row 0 is at its own cap
-    assert SuggestionEngine._repeats_another(press, 0, " the")  # so it goes on
-    assert not SuggestionEngine._repeats_another(press, 0, " the 5-year-old")  # says something else: ends
-    assert not SuggestionEngine._repeats_another(press, 0, " ")  # empty: dropped, not a repeat
-    press.rows[0] = [7] * (press.max_steps - 1)
-    assert not SuggestionEngine._repeats_another(press, 0, " the")  # no step left: it ends as it is
+    # back to its last whole word, " the", and so said what another row said. The engine asks
+    # repeats() with "a step is left" (len(row.ids) + 1 < the press's max_steps), not "below its own cap".
+    short, long_ = Row(4), Row(12)
+    long_.final = "the"
+    rows = [short, long_]
+    short.ids = [7] * textcut.hard_cap(4)  # at its own cap, with steps left in the press
+    assert repeats(rows, short, " the", can_go_on=True)  # so it goes on
+    assert not repeats(rows, short, " the 5-year-old", can_go_on=True)  # says something else: ends
+    assert not repeats(rows, short, " ", can_go_on=True)  # empty: dropped, not a repeat
+    assert not repeats(rows, short, " the", can_go_on=False)  # no step left: it ends as it is
+    assert not repeats([short], short, " the", can_go_on=True)  # nobody else says it
 
 
 def test_suggestion_stops_at_newline(tok):

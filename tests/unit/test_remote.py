@@ -11,8 +11,8 @@ import math
 
 import pytest
 
-from models.engine import EngineError, SuggestResult
-from models.remote import OpenAICompletionsBackend, _collect, _Row, _split_blanks, cut_prompt
+from models.core import EngineError, SuggestResult, collect
+from models.remote import OpenAICompletionsBackend, ServerRow, _split_blanks, cut_prompt
 
 
 def test_endpoint_with_or_without_v1_and_without_credentials():
@@ -46,42 +46,42 @@ def test_prompt_is_cut_to_about_the_context_on_a_word():
 def test_trailing_blanks_are_the_writers():
     assert _split_blanks("bought some ") == ("bought some", " ")
     assert _split_blanks("line\n") == ("line\n", "")
-    row = _Row(4, " ")
-    row.add(" apples", 1, [])
+    row = ServerRow(4, " ")
+    row.take(" apples", 1, [])
     assert row.text == "apples"
 
 
 def test_rows_are_cut_like_the_engine_cuts_them():
-    row = _Row(3, "")
+    row = ServerRow(3, "")
     for piece in [" the", " qu", "ick"]:
-        row.add(piece, 1, [-1.0])
+        row.take(piece, 1, [-1.0])
     assert row.final is None  # three tokens, but the third does not start a word: go on
-    row.add(" fox", 1, [-1.0])
+    row.take(" fox", 1, [-1.0])
     assert row.final == " the quick"  # a new word after the target: stop before it
     assert row.suggestion().mean_logprob == pytest.approx(-1.0)
 
-    line = _Row(32, "")
-    line.add(" first line", 2, [])
-    line.add("\nsecond", 2, [])
+    line = ServerRow(32, "")
+    line.take(" first line", 2, [])
+    line.take("\nsecond", 2, [])
     assert line.final == " first line" and math.isnan(line.suggestion().mean_logprob)
 
-    cut = _Row(32, "")
-    cut.add(" a half-writ", 3, [])
+    cut = ServerRow(32, "")
+    cut.take(" a half-writ", 3, [])
     cut.end(None)  # time up: back to the last whole word
     assert cut.final == " a"
-    stopped = _Row(32, "")
-    stopped.add(" the end.", 3, [])
+    stopped = ServerRow(32, "")
+    stopped.take(" the end.", 3, [])
     stopped.end("stop")
     assert stopped.final == " the end."
 
-    markup = _Row(8, "")
-    markup.add(" hello<end_of_turn> more", 3, [])
+    markup = ServerRow(8, "")
+    markup.take(" hello<end_of_turn> more", 3, [])
     assert markup.final == " hello"
 
 
 def test_interleaved_choices_of_one_request():
     backend = OpenAICompletionsBackend("http://gpu:8000", "m")
-    rows = [_Row(t, "") for t in (2, 2, 8)]
+    rows = [ServerRow(t, "") for t in (2, 2, 8)]
     result = SuggestResult()
 
     def chunk(index, text, finish=None):
@@ -98,9 +98,34 @@ def test_interleaved_choices_of_one_request():
     # until it said something else.
     assert [r.final for r in rows] == [" one", " one two", " one two three four five six seven"]
     assert done_after[:3] == [(1, 0), (2, 1), (7, 2)]
-    assert [s.text for s in _collect(rows)] == [" one", " one two", " one two three four five six seven"]
-    assert all(s.mean_logprob == pytest.approx(-0.5) for s in _collect(rows))
+    assert [s.text for s in collect(rows)] == [" one", " one two", " one two three four five six seven"]
+    assert all(s.mean_logprob == pytest.approx(-0.5) for s in collect(rows))
     assert backend._read_chunk({"usage": {"prompt_tokens": 7}, "choices": []}, rows, rows, result) is False
     assert result.prompt_tokens == 7
     with pytest.raises(EngineError):
         backend._read_chunk({"choices": [{"index": 0, "text": 5}]}, rows, rows, result)
+
+
+def test_the_remote_backend_imports_without_torch():
+    """A machine that only talks to a model server needs neither torch nor transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError("no " + name + " on this machine")
+sys.meta_path.insert(0, NoTorch())
+import models.remote, models.scoring, editor.service
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+try:
+    import torch
+except ImportError:
+    print("ok")
+"""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

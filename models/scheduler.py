@@ -1,0 +1,138 @@
+"""The queue every Tab press of one model goes through, and the loop that serves it.
+
+After llama.cpp's server queue (``server-queue.cpp``): callers ``post`` tasks and may
+``cancel`` them; one thread runs ``loop``, which takes what was posted and hands it to the
+engine a round at a time. Cancel is a task too: posted like a press, applied before the
+next round, so a press still waiting for its turn ends at once instead of after the
+presses ahead of it.
+
+What a round does (admit waiting presses into batches, advance every batch one token) is
+the engine's (models/engine.py ``round_``); this file only decides *when* and *on which
+thread* it runs:
+
+- the thread that calls ``serve_here`` (app.py's main thread, which loaded the model) is the
+  resident worker until its ``stop`` is set;
+- without one, the first post starts a worker thread of the queue's own, which ends after
+  30 s with nothing to do (the next post starts another).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
+
+WORKER_IDLE_S = 30.0  # a worker thread of the queue's own ends after this long with nothing to do
+_RESIDENT_POLL_S = 0.5  # how often an idle resident worker looks at its stop event
+
+Task = TypeVar("Task")
+
+
+@dataclass(eq=False)
+class Cancel(Generic[Task]):
+    """A task that calls off ``task``, posted earlier."""
+
+    task: Task
+
+
+class Scheduler(Generic[Task]):
+    """A named queue of tasks and the one worker that serves them.
+
+    ``round_(tasks, cancels) -> tasks left``: one round of work on the tasks posted since the
+    last round (and those it left over), given the ones called off meanwhile; what it leaves
+    waits for the next round, first in line. ``busy()``: whether work is in flight with no
+    task waiting (a batch still decoding), so the loop keeps going.
+    """
+
+    def __init__(self, name: str, round_: Callable[[list, list], list], busy: Callable[[], bool]):
+        self.name = name
+        self._round, self._busy = round_, busy
+        self._wakeup = threading.Condition()
+        self._waiting: list = []
+        self.posted = 0  # tasks posted so far, cancels included
+        self._worker: threading.Thread | None = None
+        self._resident = False  # a thread has given itself to this queue for good (serve_here)
+
+    # -- what callers do
+
+    def post(self, task: Task) -> None:
+        with self._wakeup:
+            self._waiting.append(task)
+            self.posted += 1
+            if self._worker is None and not self._resident:
+                self._start_worker()
+            self._wakeup.notify()
+
+    def cancel(self, task: Task) -> None:
+        self.post(Cancel(task))
+
+    def pending(self) -> int:
+        """Tasks posted and not yet taken by a round."""
+        with self._wakeup:
+            return sum(1 for t in self._waiting if not isinstance(t, Cancel))
+
+    @property
+    def worker(self) -> threading.Thread | None:
+        """The queue's own worker thread, if one runs (None while a resident worker serves)."""
+        return self._worker
+
+    # -- who serves
+
+    def serve_here(self, stop: threading.Event | None = None) -> None:
+        """Be the worker in the calling thread until ``stop`` is set.
+
+        app.py gives it the main thread, which loaded the model. On these CPUs PyTorch's
+        OpenMP runtime answers the thread that first used it faster than any later one: a
+        decode step from another thread took ~35 % longer here (54 vs 40 ms for Gemma, batch 3).
+        """
+        stop = stop or threading.Event()
+        with self._wakeup:
+            self._resident = True
+            self._wakeup.notify_all()  # a worker thread of the queue's own, if any, leaves the work to this one
+        try:
+            self.loop(stop)
+        finally:
+            with self._wakeup:
+                self._resident = False
+                if (self._waiting or self._busy()) and self._worker is None:  # hand over what is left
+                    self._start_worker()
+
+    def _start_worker(self) -> None:
+        """A worker thread of the queue's own (called holding ``_wakeup``); it ends when idle."""
+        self._worker = threading.Thread(target=self.loop, name=f"tabwrite-{self.name}", daemon=True)
+        self._worker.start()
+
+    def _leaving(self, stop: threading.Event | None) -> bool:
+        """Whether this worker ends now (called holding ``_wakeup``): a resident one when ``stop`` is
+        set, a thread of the queue's own when a resident worker has taken over."""
+        if stop is not None:
+            return stop.is_set()
+        if self._resident:
+            self._worker = None
+            return True
+        return False
+
+    def loop(self, stop: threading.Event | None = None) -> None:
+        """Take what was posted and run rounds until there is nothing to do.
+
+        A resident worker (``stop`` given) runs until ``stop`` is set; a worker thread of the
+        queue's own until it has had nothing to do for WORKER_IDLE_S.
+        """
+        while True:
+            with self._wakeup:
+                while not self._waiting and not self._busy():
+                    if self._leaving(stop):
+                        return
+                    woken = self._wakeup.wait(timeout=_RESIDENT_POLL_S if stop is not None else WORKER_IDLE_S)
+                    if stop is None and not woken and not self._waiting:
+                        self._worker = None
+                        return
+                if self._leaving(stop):
+                    return
+                posted, self._waiting = self._waiting, []
+            tasks = [t for t in posted if not isinstance(t, Cancel)]
+            cancels = [t.task for t in posted if isinstance(t, Cancel)]
+            left = self._round(tasks, cancels)
+            if left:
+                with self._wakeup:
+                    self._waiting[:0] = left  # first in line next round

@@ -1,0 +1,93 @@
+"""The queue every press goes through (models/scheduler.py), on plain tasks: no model needed."""
+
+from __future__ import annotations
+
+import threading
+
+from models.scheduler import Scheduler
+
+
+class Rounds:
+    """A round that records what it was given and leaves the tasks named in ``leave`` for later."""
+
+    def __init__(self, leave=()):
+        self.seen: list[tuple[list, list, str]] = []
+        self.leave = set(leave)
+        self.done = threading.Event()
+
+    def __call__(self, tasks, cancels):
+        self.seen.append((list(tasks), list(cancels), threading.current_thread().name))
+        left = [t for t in tasks if t in self.leave]
+        self.leave -= set(left)
+        if not left:
+            self.done.set()
+        return left
+
+
+def test_cancel_is_a_task_and_leftovers_go_first():
+    rounds = Rounds(leave={"b"})
+    queue = Scheduler("test", rounds, busy=lambda: False)
+    stop = threading.Event()
+    runner = threading.Thread(target=queue.serve_here, args=(stop,), name="resident")
+    runner.start()
+    for _ in range(1000):
+        if queue._resident:
+            break
+        stop.wait(0.01)
+    with queue._wakeup:  # everything below is posted before the worker's first round
+        queue.post("a")
+        queue.post("b")
+        queue.cancel("a")
+        assert queue.posted == 3 and queue.pending() == 2
+    assert rounds.done.wait(10)
+    stop.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert rounds.seen[0][:2] == (["a", "b"], ["a"])  # the cancel reaches the round with the tasks
+    assert rounds.seen[1][:2] == (["b"], [])  # what a round left comes back first
+    assert {name for _, _, name in rounds.seen} == {"resident"}
+
+
+def test_without_a_resident_worker_a_thread_of_its_own_serves_and_ends_when_stopped_being_needed():
+    rounds = Rounds()
+    queue = Scheduler("own", rounds, busy=lambda: False)
+    queue.post("x")
+    assert rounds.done.wait(10)
+    assert rounds.seen[0][0] == ["x"] and rounds.seen[0][2] == "tabwrite-own"
+    worker = queue.worker
+    assert worker is not None
+    # A resident worker takes over: the queue's own thread leaves.
+    stop = threading.Event()
+    runner = threading.Thread(target=queue.serve_here, args=(stop,), name="resident")
+    runner.start()
+    worker.join(10)
+    assert not worker.is_alive() and queue.worker is None
+    rounds.done.clear()
+    queue.post("y")
+    assert rounds.done.wait(10) and rounds.seen[-1] == (["y"], [], "resident")
+    stop.set()
+    runner.join(10)
+
+
+def test_busy_keeps_the_loop_going_without_new_tasks():
+    left = [3]
+    calls = []
+
+    def round_(tasks, cancels):
+        calls.append(list(tasks))
+        left[0] -= 1
+        return []
+
+    queue = Scheduler("busy", round_, busy=lambda: left[0] > 0)
+    stop = threading.Event()
+    queue.post("once")
+    runner = threading.Thread(target=queue.serve_here, args=(stop,))
+    runner.start()
+    until = threading.Event()
+    for _ in range(200):
+        if left[0] <= 0:
+            break
+        until.wait(0.05)
+    stop.set()
+    runner.join(10)
+    assert calls[0] == ["once"] and calls[1:] == [[], []]  # two more rounds while busy, then idle
