@@ -26,6 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with --backend openai, the server's model id (default: the first it lists)",
     )
     parser.add_argument(
+        "--models",
+        default=os.environ.get("TABWRITE_MODELS"),
+        help="comma-separated models visitors may choose among (names, hub ids, folders, .gguf files; default: "
+        "the embedded models that are installed); --model is always one of them. Nothing else is ever loaded",
+    )
+    parser.add_argument(
         "--backend",
         choices=["local", "openai"],
         default=os.environ.get("TABWRITE_BACKEND", "local"),
@@ -52,7 +58,7 @@ def main(argv=None) -> int:
     from editor.service import SuggestService
     from editor.ui import build_demo
     from models.core import EngineError
-    from models.registry import DEFAULT_MODEL, ModelLoadError, ModelNotFound
+    from models.registry import DEFAULT_MODEL, Catalog, ModelLoadError, ModelNotFound
 
     try:
         if args.backend == "openai":
@@ -63,15 +69,24 @@ def main(argv=None) -> int:
             service = SuggestService(backend.model, backend=backend)
             print(f"[tabwrite] {backend.endpoint}: {backend.features.describe()}", file=sys.stderr, flush=True)
         else:
-            service = SuggestService(args.model or DEFAULT_MODEL)
+            model = args.model or DEFAULT_MODEL
+            catalog = Catalog.for_app(model, args.models)
+            service = SuggestService(catalog.names[0], catalog=catalog)
         engine = service.engine()  # load (and on first start, convert) before serving
     except (ModelNotFound, ModelLoadError, EngineError) as e:
         print(f"tabwrite: {e}", file=sys.stderr)
         return 2
     print(f"[tabwrite] model {engine.name} ready on {engine.device.type}", file=sys.stderr, flush=True)
     demo = build_demo(service)
+    from starlette.middleware import Middleware
+
+    from editor.guard import BodyLimit, max_request_bytes
+
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True
+        server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+        # Every request's body is bounded before Gradio reads it (editor/guard.py); uploads too.
+        app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=max_request_bytes())]},
+        max_file_size=max_request_bytes(),
     )
     try:
         # The default model's forward passes run here, on the thread that loaded it (faster on

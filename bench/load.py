@@ -175,7 +175,9 @@ def start_app(model: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    # Every simulated writer is a visitor of its own (its X-Forwarded-For address), as N people
+    # behind Spaces' proxy are; from 127.0.0.1 alone they would share one visitor's limits.
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TABWRITE_TRUST_PROXY="1")
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), "--model", model],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -192,12 +194,12 @@ def start_app(model: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the app did not start")
 
 
-def writer(url: str, plan: list[dict], offset: float, pauses: list[float], call: dict, out: list, clock: dict) -> None:
+def writer(url: str, plan: list[dict], offset: float, pauses: list[float], call: dict, out: list, clock: dict, address: str) -> None:
     """One writer: connect, wait for the start, then press Tab through ``plan``, thinking in between."""
     try:
         from gradio_client import Client
 
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, headers={"X-Forwarded-For": address})
     except Exception as e:  # counted, not hidden
         out.append({"kind": "error", "error": f"connect: {type(e).__name__}: {str(e)[:100]}"})
         return
@@ -218,6 +220,8 @@ def writer(url: str, plan: list[dict], offset: float, pauses: list[float], call:
             message = str(e)
             if "time limit" in message.lower():  # the engine's "Stopped at the 4 s time limit."
                 record.update(kind="budget", rows=[])
+            elif message.startswith("Busy"):  # refused before any work, at once: a clear "try again"
+                record.update(kind="busy", rows=[])
             else:
                 record.update(kind="error", error=f"{type(e).__name__}: {message[:100]}")
         ended = time.perf_counter()
@@ -227,13 +231,91 @@ def writer(url: str, plan: list[dict], offset: float, pauses: list[float], call:
             time.sleep(max(0.0, min(pause, clock["stop_at"] - time.perf_counter())))
 
 
+ATTACKER = "198.51.100.9"  # the hostile visitor's address (X-Forwarded-For)
+
+
+def hostile_visitor(log: dict):
+    """What one hostile visitor does in a loop, with ``log`` counting each attack's outcomes (issue 11)."""
+    import concurrent.futures
+    import http.client
+
+    from gradio_client import Client
+
+    def component_call(url: str, body: dict) -> int:
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        try:
+            conn.request("POST", "/gradio_api/component_server/", body=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json", "X-Forwarded-For": ATTACKER})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    def attack(url: str, stop: threading.Event) -> None:
+        client = Client(url, verbose=False, headers={"X-Forwarded-For": ATTACKER})
+        with urllib.request.urlopen(url + "config", timeout=30) as response:
+            config = json.loads(response.read())
+        editor = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "editor")
+        parts = urllib.parse.urlsplit(url)
+
+        def outcome(name: str, fn) -> None:
+            try:
+                result = fn()
+                key = f"{name}: {result}"
+            except Exception as e:
+                key = f"{name}: {type(e).__name__}: {str(e)[:60]}"
+            log[key] = log.get(key, 0) + 1
+
+        def score_big():
+            return "scored" if client.predict("word " * 5000, "", api_name="/score").get("perplexity") else "no score"
+
+        def presses():
+            return "answered" if client.predict("The history of the printing press begins in", api_name="/suggest") else "empty"
+
+        def flood():
+            codes = {component_call(url, {"session_hash": f"flood-{time.perf_counter_ns()}-{k}", "component_id": editor,
+                                          "fn_name": "suggest_for_editor", "data": {"text": " "}}) for k in range(200)}
+            return f"status {sorted(codes)}"
+
+        def huge_body():
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            conn.putrequest("POST", "/gradio_api/call/score")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", str(500 * 2**20))
+            conn.endheaders()
+            status = conn.getresponse().status
+            conn.close()
+            return f"status {status}"
+
+        def unknown_model():
+            return client.predict("Hello", "/etc", api_name="/score")
+
+        def long_lengths():
+            return f"{len(client.predict('Hello there', 0.7, 40, 0.95, '4,' * 100_000, 4.0, '', api_name='/suggest'))} rows"
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            while not stop.is_set():
+                jobs = [pool.submit(outcome, "score 25k chars", score_big) for _ in range(3)]
+                jobs += [pool.submit(outcome, "press", presses) for _ in range(8)]
+                for name, fn in (("1000 sessions", flood), ("500 MB body", huge_body), ("model /etc", unknown_model),
+                                 ("100k lengths", long_lengths)):
+                    outcome(name, fn)
+                for job in jobs:
+                    job.result()
+                stop.wait(0.5)
+
+    return attack
+
+
 def ms(values, q: float | None = None) -> int | None:
     if not values:
         return None
     return round(1000 * (statistics.median(values) if q is None else percentile(values, q)))
 
 
-def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_at: float) -> dict:
+def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_at: float, attacker=None) -> dict:
     rng = random.Random(f"{args.seed}:{n}")
     per_writer = max(args.min_writer_presses, math.ceil(args.presses / n))
     langs = ["zh" if i % CHINESE_EVERY == CHINESE_EVERY - 1 else "en" for i in range(n)]
@@ -256,7 +338,9 @@ def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_
     results: list = []
     clock = {"ready": threading.Semaphore(0), "go": threading.Event(), "t0": 0.0, "stop_at": stop_at, "connect_s": 60.0}
     threads = [
-        threading.Thread(target=writer, args=(url, plans[i], offsets[i], pauses[i], call, results, clock), daemon=True)
+        threading.Thread(
+            target=writer, args=(url, plans[i], offsets[i], pauses[i], call, results, clock, f"10.1.{n}.{i + 1}"), daemon=True
+        )
         for i in range(n)
     ]
     for t in threads:
@@ -267,13 +351,22 @@ def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_
             break
     clock["t0"] = time.perf_counter()
     clock["go"].set()
+    attack = None
+    if attacker is not None:
+        attack_stop = threading.Event()
+        attack = threading.Thread(target=attacker, args=(url, attack_stop), daemon=True)
+        attack.start()
     for t in threads:
         t.join(timeout=max(1.0, stop_at - time.perf_counter() + args.max_time + 30))
+    if attack is not None:
+        attack_stop.set()
+        attack.join(timeout=120)
 
     presses = [r for r in list(results) if "latency_s" in r]
-    waited = [r for r in presses if r["kind"] != "error"]
+    waited = [r for r in presses if r["kind"] not in ("error", "busy")]
     answered = [r for r in presses if r["kind"] == "ok"]
     no_answer = [r for r in presses if r["kind"] == "budget"]
+    busy = [r for r in presses if r["kind"] == "busy"]
     errors = [r["error"] for r in results if r["kind"] == "error"]  # failed connections too
     at_limit = [r for r in answered if r["latency_s"] >= args.max_time]
     row_tokens = [count(row) for r in answered for row in r["rows"]]
@@ -300,6 +393,10 @@ def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_
         "budget_stopped": len(no_answer) + len(at_limit),
         "budget_stopped_no_answer": len(no_answer),  # the "time limit" error: nothing was ready
         "budget_stopped_answered": len(at_limit),  # answered no sooner than the budget: cut short there
+        # Refused at once with "Busy: ... try again" (admission control): not in the latencies above.
+        "busy": len(busy),
+        "busy_p50_ms": ms([r["latency_s"] for r in busy]),
+        "no_suggestion": len(no_answer) + sum(1 for r in answered if not r["rows"]),  # neither rows nor an early busy
         "fewer_rows_than_asked": sum(len(r["rows"]) < len(call["lengths"].split(",")) for r in answered),
         "tokens_per_row_mean": round(statistics.mean(row_tokens), 1) if row_tokens else None,
         "longest_row_tokens_mean": round(statistics.mean(longest), 1) if longest else None,
@@ -336,7 +433,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT_S, help="the whole run, app start aside (s)")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    parser.add_argument(
+        "--hostile", action="store_true",
+        help="N normal writers (--writers, default 5) twice: alone, then while one visitor attacks (issue 11)",
+    )
     args = parser.parse_args()
+    if args.hostile and args.writers == [1, 5, 20]:
+        args.writers = [5]
     if args.url and urllib.parse.urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit("bench.load only talks to 127.0.0.1")
     # Every loop below is bounded by these.
@@ -360,11 +463,23 @@ def main() -> None:
     runs, used = [], set()
     try:
         stop_all = time.perf_counter() + args.time_limit
-        for k, n in enumerate(writers):
+        plan = [(n, None) for n in writers]
+        attacks: dict = {}
+        if args.hostile:  # each N alone, then with the attacker: the same writers' presses, side by side
+            plan = [(n, a) for n in writers for a in (None, hostile_visitor(attacks))]
+        for k, (n, attacker) in enumerate(plan):
             # Each N gets a fair share of what is left, so a slow N cannot starve the next.
-            stop_at = time.perf_counter() + (stop_all - time.perf_counter()) / (len(writers) - k)
-            runs.append(run(url, n, args, texts, used, count, call, stop_at))
+            stop_at = time.perf_counter() + (stop_all - time.perf_counter()) / (len(plan) - k)
+            runs.append(dict(run(url, n, args, texts, used, count, call, stop_at, attacker),
+                             attacked=attacker is not None))
             print(f"[bench.load] {n} writers: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
+        peak_rss_mb = None
+        if proc is not None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                peak_rss_mb = round(int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024)
+            except (OSError, AttributeError):
+                pass
     finally:
         if proc is not None:
             proc.terminate()
@@ -372,7 +487,7 @@ def main() -> None:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    single = next((r["p50_ms"] for r in runs if r["writers"] == 1), None)
+    single = next((r["p50_ms"] for r in runs if r["writers"] == 1 and not r.get("attacked")), None)
     out = {
         "url": url,
         "model": args.model,
@@ -394,6 +509,13 @@ def main() -> None:
         },
         "runs": runs,
     }
+    if args.hostile:
+        out["attacks"] = attacks  # what the hostile visitor got, by attack and outcome
+        out["app_peak_rss_mb"] = peak_rss_mb
+        for n in writers:
+            calm = next(r for r in runs if r["writers"] == n and not r["attacked"])
+            hit = next(r for r in runs if r["writers"] == n and r["attacked"])
+            out[f"p95_attacked_over_calm_{n}"] = round(hit["p95_ms"] / calm["p95_ms"], 2) if hit["p95_ms"] and calm["p95_ms"] else None
     if single:
         out["p95_over_single_p50"] = {str(r["writers"]): round(r["p95_ms"] / single, 2) if r["p95_ms"] else None for r in runs}
     print(json.dumps(out, ensure_ascii=False))

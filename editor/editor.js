@@ -255,6 +255,15 @@ function showRound(base, suggestions) {
   placePopup();
 }
 
+// The end of the text a press sends: the model reads at most ~2048 tokens, and the server takes
+// at most 65536 characters (editor/service.py MAX_PROMPT_CHARS). Cut in steps of 8192 from the
+// start, as models/textcut.py tail() does, so the window stays put while the writer types.
+const PROMPT_CHARS = 65536, PROMPT_STEP = 8192;
+function tail(text) {
+  if (text.length <= PROMPT_CHARS) return text;
+  return text.slice(Math.ceil((text.length - PROMPT_CHARS) / PROMPT_STEP) * PROMPT_STEP);
+}
+
 // Streaming: while the request runs, poll for the rows already finished (the shortest
 // suggestion is usually ready long before the longest) and show them in place.
 function followProgress(seq, prompt, round, base) {
@@ -263,7 +272,7 @@ function followProgress(seq, prompt, round, base) {
     try {
       const progress = await server.suggestion_progress({});
       if (seq !== state.seq || !state.pending) return;
-      if (progress && progress.text === prompt && progress.round === round && progress.suggestions.length) {
+      if (progress && progress.seq === seq && progress.round === round && progress.suggestions && progress.suggestions.length) {
         showRound(base, progress.suggestions);
       }
     } catch (e) { /* the final answer will tell */ }
@@ -282,7 +291,7 @@ async function requestSuggestions() {
   followProgress(seq, prompt, state.round, base);
   let answer;
   try {
-    answer = await server.suggest_for_editor({ text: prompt, round: state.round });
+    answer = await server.suggest_for_editor({ text: tail(prompt), round: state.round, seq });
   } catch (e) {
     answer = { error: "The server did not answer. Is tabwrite still running?" };
   }
@@ -421,7 +430,7 @@ function schedulePrefetch() {
     if (!prompt.trim()) return;
     const mine = ++state.prefetchSeq;
     state.prefetching = true;
-    server.suggest_for_editor({ text: prompt, round: 0, prefetch: true })
+    server.suggest_for_editor({ text: tail(prompt), round: 0, prefetch: true })
       .catch(() => {})
       .finally(() => { if (mine === state.prefetchSeq) state.prefetching = false; });
   }, PAUSE_MS);
@@ -567,10 +576,32 @@ const docStatus = element.querySelector(".tw-doc-status");
 const myDocs = element.querySelector(".tw-mydocs");
 const banner = element.querySelector(".tw-readonly-banner");
 
-function setCurrent(id, ownerKey) {
-  state.current = { id, owner_key: ownerKey };
+// The document being edited: its id, owner key and the version its text is based on (sent
+// with every save: if another tab or window saved it since, the server refuses and says so).
+// Local storage keeps one draft for all tabs: it keeps the document of the tab whose text the
+// draft is (the tab that last typed, opened or restored it), so that after a reload a save
+// is checked against the version that text was based on, never another tab's.
+const DRAFT_TAB_KEY = "tabwrite:draft-tab";
+const TAB_ID = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+state.conflict = null; // id of the document whose save was refused as a conflict: Save again makes a new one
+
+function ownsDraft() {
+  try {
+    const tab = window.localStorage.getItem(DRAFT_TAB_KEY);
+    return tab === null || tab === TAB_ID;
+  } catch (e) { return true; }
+}
+function claimDraft() {
+  if (state.readOnly) return;
+  try { window.localStorage.setItem(DRAFT_TAB_KEY, TAB_ID); } catch (e) { /* storage disabled */ }
   writeStore(CURRENT_KEY, state.current);
 }
+function setCurrent(id, ownerKey, version) {
+  state.current = { id, owner_key: ownerKey, version: Number.isInteger(version) ? version : null };
+  if (ownsDraft()) writeStore(CURRENT_KEY, state.current);
+}
+if (!new URLSearchParams(window.location.search).get("doc")) claimDraft(); // this tab shows the draft now
+area.addEventListener("input", claimDraft);
 
 function setReadOnly(flag) {
   state.readOnly = flag;
@@ -597,20 +628,46 @@ function remember(doc) {
   writeStore(DOCS_KEY, docs.slice(0, 200));
 }
 
-async function saveDocument() {
+// Saves run one after another, each with the version the one before returned (two quick
+// Ctrl+S in one tab are not a conflict).
+let saving = Promise.resolve();
+function saveDocument() {
+  const run = saving.then(saveNow, saveNow);
+  saving = run.catch(() => null);
+  return run;
+}
+
+async function saveNow() {
   if (state.readOnly) { say("This shared document is read-only: use “Edit a copy” first."); return null; }
   say("Saving…");
+  // After a conflict, saving again keeps this text as a new document; the other one stays as it is.
+  const asNew = state.conflict !== null && state.conflict === state.current.id;
+  const target = asNew ? { id: null, owner_key: null, version: null } : state.current;
+  const text = area.value;
   let answer;
   try {
-    answer = await server.save_document({ text: area.value, marks: state.marks, id: state.current.id, owner_key: state.current.owner_key });
+    answer = await server.save_document({
+      text, marks: state.marks, id: target.id, owner_key: target.owner_key,
+      version: Number.isInteger(target.version) ? target.version : null,
+    });
   } catch (e) {
     answer = { error: "The server did not answer; your text is still here and in this browser." };
   }
-  if (!answer || answer.error) { say((answer && answer.error) || "Saving failed."); return null; }
-  setCurrent(answer.id, answer.owner_key);
+  if (!answer || answer.error) {
+    if (answer && answer.conflict) {
+      state.conflict = state.current.id;
+      say(`${answer.error} Your text is still here: Save again keeps it as a new document.`);
+    } else {
+      say((answer && answer.error) || "Saving failed; your text is still here.");
+    }
+    return null;
+  }
+  state.conflict = null;
+  setCurrent(answer.id, answer.owner_key, answer.version);
   remember(state.current);
-  state.savedText = area.value;
-  say(`Saved at ${new Date().toLocaleTimeString()}.`);
+  state.savedText = text;
+  const time = new Date().toLocaleTimeString();
+  say(asNew ? `Saved as a new document at ${time}; the other version is still in “My documents”.` : `Saved at ${time}.`);
   return answer;
 }
 
@@ -629,8 +686,10 @@ function showDocument(doc, editable) {
   if (editable) keepDraft();
 }
 
+// Before another document replaces the text: true when nothing unsaved would be lost.
 async function saveIfChanged() {
-  if (!state.readOnly && area.value.trim() && area.value !== state.savedText) await saveDocument();
+  if (state.readOnly || !area.value.trim() || area.value === state.savedText) return true;
+  return (await saveDocument()) !== null;
 }
 
 async function refreshMyDocs() {
@@ -656,9 +715,10 @@ element.querySelector(".tw-share").addEventListener("click", async () => {
   try { await navigator.clipboard.writeText(url); say("Link copied (read-only):", url); } catch (e) { say("Read-only link:", url); }
 });
 element.querySelector(".tw-new").addEventListener("click", async () => {
-  await saveIfChanged(); // nothing is lost: the previous text is in "my documents"
-  setCurrent(null, null);
+  if (!(await saveIfChanged())) return; // not saved (the status says why): the text stays
+  setCurrent(null, null, null);
   showDocument({ text: "", marks: [] }, true);
+  claimDraft();
   say("New document.");
   area.focus();
 });
@@ -668,18 +728,21 @@ myDocs.addEventListener("change", async () => {
   const id = myDocs.value;
   myDocs.value = "";
   if (!id) return;
-  await saveIfChanged();
+  if (!(await saveIfChanged())) return; // not saved (the status says why): the text stays
   const own = readStore(DOCS_KEY, []).find((d) => d.id === id);
   let doc;
   try { doc = await server.load_document({ id }); } catch (e) { doc = { error: "The server did not answer." }; }
   if (!doc || doc.error) { say((doc && doc.error) || "Loading failed."); return; }
-  setCurrent(id, own ? own.owner_key : null);
+  state.conflict = null;
+  setCurrent(id, own ? own.owner_key : null, doc.version);
   showDocument(doc, true);
+  claimDraft();
   say("Opened.");
 });
 element.querySelector(".tw-copy-shared").addEventListener("click", () => {
-  setCurrent(null, null);
+  setCurrent(null, null, null);
   setReadOnly(false);
+  claimDraft();
   state.savedText = null;
   window.history.replaceState(null, "", window.location.pathname);
   keepDraft();

@@ -25,11 +25,21 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from editor.documents import DocumentError, DocumentStore
+from models import textcut
 from models.core import Backend, EngineError, SuggestResult
-from models.registry import ModelLoadError, ModelNotFound
+from models.registry import Catalog, ModelLoadError, ModelNotFound
 from models.settings import Settings, validate
 
 MAX_SESSIONS = 1000
+SESSIONS_PER_VISITOR = 16  # a visitor opening more sessions pushes out their own oldest, nobody else's
+PRESSES_PER_VISITOR = 2  # presses of one visitor in flight at once (two tabs, or API calls); more are refused at once
+MAX_PROMPT_CHARS = 65536  # text a press reads, from its end (the model sees at most ~2048 tokens of it)
+BUSY = "Busy: you have {n} suggestion requests running; wait for them or press Esc."
+
+
+def visitor_of(session_id: str) -> str:
+    """The visitor part of a session key "visitor|session" (editor/ui.py makes them)."""
+    return session_id.rpartition("|")[0]
 
 
 @dataclass(eq=False)
@@ -46,52 +56,88 @@ class Session:
     progress: dict = field(default_factory=dict)  # rows the request in flight has finished so far
     score_progress: float | None = None  # how far the perplexity view's scoring is (0..1)
     last: dict | None = None  # how its last press ended (the progress poll shows it; tests read it)
+    in_flight: int = 0  # its presses running now (a session with one is never pushed out)
     prefetching: tuple | None = None  # (key, threading.Event set when done) of the pause's pre-computation
     precomputed: tuple | None = None  # (key, payload) that pre-computation's answer, for the Tab that follows
 
 
 class SuggestService:
-    def __init__(self, default_model: str, backend=None):
+    def __init__(self, default_model: str, backend=None, catalog: Catalog | None = None):
         self.default_model = default_model
         # A model server (models/remote.py's OpenAICompletionsBackend) that runs the models instead of this process.
         self.backend = backend
-        self._engines: dict[int, Backend] = {}
+        # The models offered, by name (app.py: --model, --models); nothing else is ever loaded.
+        self.catalog = catalog or Catalog.for_app(default_model)
+        self._engines: dict[str, Backend] = {}  # by offered name
         self._engines_lock = threading.Lock()
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # by "visitor|session", least recently used first
+        self._presses: dict[str, int] = {}  # presses in flight per visitor
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
 
     # -- models
 
+    @property
+    def models(self) -> list[str]:
+        """The names a visitor may choose among."""
+        return list(self.backend.models) if self.backend is not None else self.catalog.names
+
     def engine(self, model: str | None = None) -> Backend:
-        """The backend for ``model`` (loads it on first use; raises ModelNotFound/ModelLoadError)."""
+        """The backend for the offered model ``model`` (loads it on first use).
+
+        Raises ModelNotFound for a name that is not offered (one line, nothing about the
+        server's files) and ModelLoadError when an offered model cannot be loaded.
+        """
+        name = (model or "").strip() or self.default_model
         if self.backend is not None:
-            return self.backend.for_model(model or self.default_model)
+            return self.backend.for_model(name)
+        spec = self.catalog.spec(name)
         from models import loading  # torch: only where models run in this process
         from models.engine import SuggestionEngine
 
-        loaded = loading.load(model or self.default_model)
+        engine = self._engines.get(name)
+        if engine is not None and loading.is_loaded(engine.loaded):
+            return engine  # no lock: a press never waits for another model that is loading
+        loaded = loading.load(spec)
         with self._engines_lock:
-            engine = self._engines.get(id(loaded))
+            engine = self._engines.get(name)
             if engine is None or engine.loaded is not loaded:
                 # Forget engines of models the loader has since dropped from memory.
                 alive = {id(m) for m in loading.loaded_models()}
-                self._engines = {k: e for k, e in self._engines.items() if k in alive}
-                engine = self._engines[id(loaded)] = SuggestionEngine(loaded)
+                self._engines = {k: e for k, e in self._engines.items() if id(e.loaded) in alive}
+                engine = self._engines[name] = SuggestionEngine(loaded)
             return engine
 
     # -- sessions
 
-    def session(self, session_id: str) -> Session:
+    def session(self, session_id: str, create: bool = True) -> Session | None:
+        """The session ``session_id`` ("visitor|session"), made if ``create``.
+
+        A visitor's new session pushes out that visitor's own least recently used one once
+        they have SESSIONS_PER_VISITOR; when all MAX_SESSIONS are taken, the least recently
+        used session with no press in flight goes. So one visitor opening sessions by the
+        thousand never pushes out anybody else's.
+        """
+        key = session_id or ""
         with self._lock:
-            key = session_id or ""
             session = self._sessions.get(key)
             if session is None:
+                if not create:
+                    return None
+                visitor = visitor_of(key)
+                mine = [k for k in self._sessions if visitor_of(k) == visitor]
+                if len(mine) >= SESSIONS_PER_VISITOR:
+                    self._drop(mine)
+                elif len(self._sessions) >= MAX_SESSIONS:
+                    self._drop(list(self._sessions))
                 session = self._sessions[key] = Session(self.default_model)
             self._sessions.move_to_end(key)
-            while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
             return session
+
+    def _drop(self, keys: list[str]) -> None:
+        """Forget the least recently used of ``keys`` (in that order) with no press in flight (holding _lock)."""
+        idle = [k for k in keys if self._sessions[k].in_flight == 0]
+        self._sessions.pop((idle or keys)[0])
 
     def update_settings(self, session_id: str, model: str, raw: dict) -> tuple[Settings, list[str]]:
         """Store a session's settings; returns them as validated, with notes about clamped values."""
@@ -111,9 +157,10 @@ class SuggestService:
             return request_id
 
     def cancel(self, session_id: str) -> None:
-        session = self.session(session_id)
-        with self._lock:
-            session.latest = next(self._counter)
+        session = self.session(session_id, create=False)
+        if session is not None:
+            with self._lock:
+                session.latest = next(self._counter)
 
     def is_current(self, session_id: str, request_id: int) -> bool:
         with self._lock:
@@ -122,13 +169,22 @@ class SuggestService:
 
     # -- suggest
 
-    def suggest(self, text: str, settings: Settings, model: str | None = None) -> tuple[Backend, SuggestResult]:
-        """One stateless request (the API): no session, no cancellation. Raises as the backend does."""
+    def suggest(
+        self, text: str, settings: Settings, model: str | None = None, visitor: str = "", caller_gone=None
+    ) -> tuple[Backend, SuggestResult]:
+        """One stateless request (the API): no session; cancelled when the caller goes away.
+        Raises as the backend does, and EngineError with the busy line past the visitor's limit."""
         engine = self.engine(model)
-        return engine, engine.suggest(text, settings)
+        busy = self._enter(visitor)
+        if busy is not None:
+            raise EngineError(busy)
+        try:
+            return engine, engine.suggest(textcut.tail(text, MAX_PROMPT_CHARS), settings, caller_gone=caller_gone)
+        finally:
+            self._leave(visitor)
 
     def suggest_for_session(
-        self, session_id: str, text: str, round_: int = 0, prefetch: bool = False, client_gone=None
+        self, session_id: str, text: str, round_: int = 0, prefetch: bool = False, client_gone=None, seq: int = 0
     ) -> dict:
         """The editor's Tab press (or, with ``prefetch``, the work done while the writer pauses).
 
@@ -136,7 +192,8 @@ class SuggestService:
         was pre-computed during a pause is answered from that result at once; a Tab while that
         pre-computation is still running waits for it instead of starting over. ``client_gone``
         (asked now and then from this thread) says the browser has disconnected: the press is
-        cancelled and the model freed for others.
+        cancelled and the model freed for others. ``seq``: the editor's number for the request,
+        which its progress polls carry back (not the text: a poll must not send the document back).
         """
         started = time.perf_counter()
         session = self.session(session_id)
@@ -151,18 +208,24 @@ class SuggestService:
             hit, session.precomputed = session.precomputed, None
             if hit is not None and hit[0] == key:
                 return dict(hit[1], from_cache=True, elapsed_ms=round((time.perf_counter() - started) * 1000))
+        busy = self._enter(visitor_of(session_id))
+        if busy is not None:
+            return {"error": busy, "busy": True}
         done = threading.Event()
         if prefetch:
             session.prefetching = (key, done)
-        session.progress = {"text": text, "round": round_, "suggestions": []}
+        session.progress = {"seq": seq, "round": round_, "suggestions": []}
+        session.in_flight += 1
         try:
-            return self._run(session_id, session, text, round_, prefetch, key, started, client_gone)
+            return self._run(session_id, session, textcut.tail(text, MAX_PROMPT_CHARS), round_, prefetch, key, started, client_gone, seq)
         finally:
+            session.in_flight -= 1
+            self._leave(visitor_of(session_id))
             done.set()  # after the result is stored, so a waiting Tab finds it
 
-    def _run(self, session_id, session: Session, text, round_, prefetch, key, started, client_gone=None) -> dict:
+    def _run(self, session_id, session: Session, text, round_, prefetch, key, started, client_gone=None, seq=0) -> dict:
         def on_update(found):
-            session.progress = {"text": text, "round": round_, "suggestions": _plain(found)}
+            session.progress = {"seq": seq, "round": round_, "suggestions": _plain(found)}
 
         try:
             engine = self.engine(session.model)
@@ -185,6 +248,7 @@ class SuggestService:
             "truncated": result.truncated,
             "timed_out": result.timed_out,
             "cancelled": result.cancelled,
+            "busy": result.busy,  # refused before any work: the model could not answer within the budget
             "round": round_,
             "from_cache": False,
             "peak_batch": result.peak_batch,  # presses of other writers that shared its forward passes, plus one
@@ -198,8 +262,29 @@ class SuggestService:
 
     def progress(self, session_id: str) -> dict:
         """Suggestions finished so far by the session's request in flight (the editor polls this)."""
-        session = self.session(session_id)
+        session = self.session(session_id, create=False)  # a poll never makes a session
+        if session is None:
+            return {"score_progress": None, "last": None}
         return dict(session.progress, score_progress=session.score_progress, last=session.last)
+
+    # -- presses in flight per visitor
+
+    def _enter(self, visitor: str) -> str | None:
+        """Count a press of ``visitor`` in; the busy line instead when they have too many running."""
+        with self._lock:
+            n = self._presses.get(visitor, 0)
+            if n >= PRESSES_PER_VISITOR:
+                return BUSY.format(n=n)
+            self._presses[visitor] = n + 1
+            return None
+
+    def _leave(self, visitor: str) -> None:
+        with self._lock:
+            n = self._presses.get(visitor, 1) - 1
+            if n > 0:
+                self._presses[visitor] = n
+            else:
+                self._presses.pop(visitor, None)
 
     # -- score
 
@@ -226,20 +311,31 @@ class SuggestService:
 # ---------------------------------------------------------------- documents
 
 
-def save(store: DocumentStore, text, marks=None, doc_id=None, owner_key=None) -> dict:
-    """Save a document (and the ranges of machine-written text): its id and owner key. Never raises."""
+def save(store: DocumentStore, text, marks=None, doc_id=None, owner_key=None, version=None) -> dict:
+    """Save a document (and the ranges of machine-written text): its id, owner key and new version. Never raises.
+
+    ``version``: the version the writer's copy is based on (from the last save or load); when
+    another tab saved meanwhile, the answer is {"error": line, "conflict": True, "version": the
+    stored one} and nothing is written. None overwrites (API callers from before versions).
+    """
     try:
-        return store.save(str(text or ""), marks, doc_id or None, owner_key or None)
+        return store.save("" if text is None else text, marks, doc_id, owner_key, version)
     except DocumentError as e:
+        if getattr(e, "stored", None) is not None:  # a VersionConflict: the editor keeps the writer's text and says so
+            return {"error": f"Not saved: {e}.", "conflict": True, "version": e.stored}
         return {"error": f"Not saved: {e}."}
+    except Exception as e:  # the disk, the database: one line, never a traceback
+        return {"error": f"Not saved: the document store failed ({type(e).__name__}: {str(e)[:200]})."}
 
 
 def load(store: DocumentStore, doc_id) -> dict:
-    """A saved document's text and marks, by id. Never raises."""
+    """A saved document's text, marks and version, by id. Never raises."""
     try:
-        return store.load(str(doc_id or ""))
+        return store.load(doc_id)
     except DocumentError as e:
         return {"error": f"Cannot open: {e}."}
+    except Exception as e:
+        return {"error": f"Cannot open: the document store failed ({type(e).__name__}: {str(e)[:200]})."}
 
 
 def _plain(found) -> list[dict]:

@@ -5,6 +5,7 @@ Layout only; what happens on a Tab press lives in editor/service.py and models/.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anyio
@@ -32,17 +33,32 @@ def _one_dict(args) -> dict:
     return args if isinstance(args, dict) else {}
 
 
+def _visitor_of(request) -> str:
+    """Who is calling: the client's address, or behind a proxy that says so (Hugging Face Spaces,
+    or $TABWRITE_TRUST_PROXY=1), the address the proxy saw (the last X-Forwarded-For entry: the
+    ones before it are whatever the client wrote)."""
+    client = getattr(request, "client", None)
+    host = str(getattr(client, "host", "") or "")
+    if os.environ.get("SPACE_ID") or os.environ.get("TABWRITE_TRUST_PROXY") == "1":
+        headers = getattr(request, "headers", None) or {}
+        forwarded = [h.strip() for h in str(headers.get("x-forwarded-for", "")).split(",") if h.strip()]
+        host = forwarded[-1] if forwarded else host
+    return host[:64] or "unknown"
+
+
 def _session_of(request) -> str:
-    """The browser session a call belongs to.
+    """The browser session a call belongs to, as "visitor|session".
 
     Queued events get a gr.Request with ``session_hash``; server functions (gradio 6.31) get
-    the raw Starlette request, whose already-parsed JSON body carries the same hash.
+    the raw Starlette request, whose already-parsed JSON body carries the same hash. The hash
+    is the client's to choose, so the session is also the visitor's: another visitor sending
+    the same hash reaches a session of their own, never this one.
     """
     session = getattr(request, "session_hash", None)
     if session is None:
         body = getattr(request, "_json", None)
         session = body.get("session_hash") if isinstance(body, dict) else None
-    return str(session or "")
+    return f"{_visitor_of(request)}|{str(session or '')[:64]}"
 
 
 def _disconnect_check(request):
@@ -64,6 +80,26 @@ def _disconnect_check(request):
     return gone
 
 
+def _event_gone(demo: gr.Blocks, request):
+    """For a queued API call: whether its caller went away (Gradio marks the event not alive when
+    the client's event stream closes, gradio/queueing.py clean_events). None where that cannot be known."""
+    session = getattr(request, "session_hash", None)
+    if session is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            for jobs in demo._queue.active_jobs:
+                for job in jobs or []:
+                    if job.session_hash == session:
+                        return not job.alive
+        except Exception:  # Gradio's internals moved: the press then runs to its budget
+            pass
+        return False
+
+    return gone
+
+
 def _or_raise(answer: dict) -> dict:
     """A handler's answer for the API: {"error": line} becomes the API's error answer."""
     if isinstance(answer, dict) and "error" in answer:
@@ -80,12 +116,17 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             round_ = max(0, min(int(payload.get("round", 0)), 8))
         except (TypeError, ValueError):
             round_ = 0
+        try:
+            seq = int(payload.get("seq", 0))
+        except (TypeError, ValueError):
+            seq = 0
         return service.suggest_for_session(
             _session_of(request),
             str(payload.get("text", "")),
             round_,
             prefetch=bool(payload.get("prefetch")),
             client_gone=_disconnect_check(request),
+            seq=seq,
         )
 
     def suggestion_progress(args, request: gr.Request) -> dict:
@@ -95,8 +136,12 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         return service.score(str(_one_dict(args).get("text", "")), session_id=_session_of(request))
 
     def save_document(args) -> dict:
+        # The editor sends the version its text is based on (null for a new document): a save over
+        # another tab's newer one is refused with {"error", "conflict": True}, and the text stays.
         payload = _one_dict(args)
-        return handlers.save(store, payload.get("text"), payload.get("marks"), payload.get("id"), payload.get("owner_key"))
+        return handlers.save(
+            store, payload.get("text"), payload.get("marks"), payload.get("id"), payload.get("owner_key"), payload.get("version")
+        )
 
     def load_document(args) -> dict:
         return handlers.load(store, _one_dict(args).get("id"))
@@ -108,17 +153,27 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
     # The API: the same handlers; a failure is the API's error answer (gr.Error) with the same line.
 
     def save(
-        text: str, marks: list[list[int]] | None = None, doc_id: str = "", owner_key: str = "", request: gr.Request = None
+        text: str,
+        marks: list[list[int]] | None = None,
+        doc_id: str = "",
+        owner_key: str = "",
+        version: int | None = None,
+        request: gr.Request = None,
     ) -> dict:
-        """Save a document (and the ranges of machine-written text); returns its id, owner key and share URL."""
-        saved = _or_raise(handlers.save(store, text, marks, doc_id, owner_key))
+        """Save a document (and the ranges of machine-written text); returns its id, owner key, version and share URL.
+
+        To update, pass doc_id and owner_key, and version: the version your copy is based on (as
+        the last /save or /load returned); if the document was saved since, nothing is written and
+        the error says so. Without a version the stored text is overwritten.
+        """
+        saved = _or_raise(handlers.save(store, text, marks, doc_id, owner_key, version))
         headers = request.headers if request is not None else {}
         host = headers.get("host", "127.0.0.1:7860")
         scheme = headers.get("x-forwarded-proto", "http")  # https behind a proxy such as Spaces
         return dict(saved, share_url=f"{scheme}://{host}/?doc={saved['id']}")
 
     def load(doc_id: str) -> dict:
-        """A saved document's text and marks, by id."""
+        """A saved document's text, marks and version, by id."""
         return _or_raise(handlers.load(store, doc_id))
 
     def score(text: str, model: str = "") -> dict:
@@ -165,13 +220,17 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         lengths: str = ", ".join(map(str, DEFAULTS.lengths)),
         max_time: float = DEFAULTS.max_time,
         model: str = "",
+        request: gr.Request = None,
     ) -> list[str]:
         """Sampled continuations of `text`, shortest first (what Tab shows in the editor)."""
         settings, _ = validate(
             {"temperature": temperature, "top_k": top_k, "top_p": top_p, "lengths": lengths, "max_time": max_time}
         )
         try:
-            _, result = service.suggest(text or "", settings, model or None)
+            _, result = service.suggest(
+                str(text or ""), settings, model or None, visitor=_visitor_of(request),
+                caller_gone=_event_gone(demo, request),
+            )
         except (ModelNotFound, ModelLoadError, EngineError) as e:
             raise gr.Error(str(e)) from None
         if not result.suggestions and result.message:
@@ -182,8 +241,8 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         model_choices = [(name, name) for name in service.backend.models]
         model_info = f"A model on the server at {service.backend.endpoint}."
     else:
-        model_choices = [(f"{name} — {desc}", name) for name, (desc, _) in EMBEDDED.items()]
-        model_info = "An embedded model, a hub id (e.g. gpt2), a local folder or a .gguf path."
+        model_choices = [(f"{name} — {EMBEDDED[name][0]}" if name in EMBEDDED else name, name) for name in service.models]
+        model_info = "The models this app offers (its operator lists them: --models)."
 
     with gr.Blocks(title="tabwrite") as demo:
         gr.Markdown("## tabwrite\nWrite, press **Tab**, pick a continuation with the arrows and **Enter**.")
@@ -211,7 +270,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
                     model = gr.Dropdown(
                         choices=model_choices,
                         value=service.default_model,
-                        allow_custom_value=True,
+                        allow_custom_value=False,
                         label="Model",
                         info=model_info,
                         elem_id="model",

@@ -106,11 +106,21 @@ class PrefixEntry:
         self.ids, self.cache, self.logits = ids, cache, logits
 
 
-class PrefixStore:
-    """The batch-1 caches of the last ``size`` prompts, most recently used last."""
+def cache_bytes(cache: DynamicCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
-    def __init__(self, model, config, limit: int, size: int = 8):
+
+class PrefixStore:
+    """The batch-1 caches of recent prompts, most recently used last: at most ``size`` of them and
+    ``budget_mb`` of keys and values (Gemma 3 270M: ~37 kB a token, ~14 MB for a 384-token prompt).
+
+    Many writers each keep typing on their own text: with one entry per writer, a writer's next
+    press prefills only what they typed since. 8 entries served 5 writers; 20 writers need ~20.
+    """
+
+    def __init__(self, model, config, limit: int, size: int = 64, budget_mb: float = 512):
         self.model, self.config, self.limit, self.size = model, config, limit, size
+        self.budget = budget_mb * 2**20
         self._entries: OrderedDict[int, PrefixEntry] = OrderedDict()
         self._keys = iter(range(1 << 62))
 
@@ -122,6 +132,14 @@ class PrefixStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many of ``ids`` a prefill would take from an entry (an estimate when called off the worker)."""
+        try:
+            entries = list(self._entries.values())
+        except RuntimeError:  # changed while copied (the worker prefilled meanwhile)
+            return 0
+        return max((longest_common_prefix(e.ids, ids) for e in entries), default=0)
 
     def prefill(self, ids: list[int], device) -> tuple[DynamicCache, torch.Tensor, int]:
         """KV cache and last logits for ``ids``; returns also how many tokens had to be run.
@@ -153,8 +171,11 @@ class PrefixStore:
             self._entries[best_key] = entry
         logits = prefill(self.model, torch.tensor([ids[common:]], device=device), entry.cache)
         entry.ids, entry.logits = list(ids), logits
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        sizes = {key: cache_bytes(e.cache) for key, e in self._entries.items()}
+        total = sum(sizes.values())
+        while len(self._entries) > 1 and (len(self._entries) > self.size or total > self.budget):
+            key, _ = self._entries.popitem(last=False)
+            total -= sizes[key]
         return entry.cache, logits, len(ids) - common
 
 

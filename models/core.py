@@ -34,6 +34,7 @@ from models.settings import Settings, targets
 EMPTY_TEXT = "Type a few words first, then press Tab."
 NOTHING_TO_ADD = "The model had nothing to add here; try Tab again or write a little more."
 OUT_OF_MEMORY = "the model ran out of memory; try a shorter context or a smaller model"
+BUSY = "Busy: the model is serving other writers and could not answer within {budget:g} s; try Tab again in a moment."
 # Markup a model may spell out as text (a server's answer): it ends a suggestion, as the local
 # engine's control tokens do, and is never offered as an alternative in the perplexity view.
 MARKUP = re.compile(r"<(?:start|end)_of_[a-z_]+>|<(?:bos|eos|pad|unk|mask)>|</s>|<\|[a-z_]+\|>")
@@ -66,6 +67,7 @@ class SuggestResult:
     first_ready_s: float | None = None  # when the first suggestion was final (for streaming / benchmarks)
     timed_out: bool = False
     cancelled: bool = False
+    busy: bool = False  # refused before any work: the press could not have been answered within its budget
     truncated: bool = False  # the document was longer than the context window
     peak_batch: int = 1  # the most presses (this one included) that shared one forward pass
     row_tokens: list[int] = field(default_factory=list)  # tokens sampled for each row (the work done; benchmarks)

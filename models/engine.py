@@ -35,6 +35,7 @@ import torch
 from models import scoring, textcut
 from models.batching import BatchKV, PrefixStore
 from models.core import (  # noqa: F401  (EngineError, Suggestion, SuggestResult, clean_prompt: imported from here too)
+    BUSY,
     OUT_OF_MEMORY,
     Ask,
     Backend,
@@ -55,6 +56,10 @@ from models.steps import forbid_unlikely_stop, sample
 _DECODE_CONTEXT = 6
 _MAX_PROMPT_CHARS_PER_TOKEN = 12  # only this many chars per context token are tokenized
 _ADMIT_TOKENS = 256  # prompt tokens prefilled per worker round, at most (one press always gets in)
+# Kept from every budget for the answer's way back (HTTP, Gradio's queue): at 20 writers the
+# answers cut at the budget reached the writer 0.3-0.5 s after it (bench.load p95 4.49 s of 4).
+_RESERVE_S = 0.25
+_MARGIN = 1.3  # admission expects this much more time than measured: steps slow as others join
 
 
 # ---------------------------------------------------------------- tokens <-> text helpers
@@ -113,6 +118,8 @@ class Press:
 
     ask: Ask
     generator: torch.Generator | None
+    ids: list[int]  # the prompt's tokens (tokenized by the caller's thread, not the worker)
+    new_tokens: int  # of those, how many a prefill would run (the rest is in a cached prefix): an estimate
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     # Filled in when the press joins a batch:
@@ -141,6 +148,43 @@ class Batch:
 
     def presses(self) -> list[Press]:
         return list(dict.fromkeys(p for p, _ in self.owners))
+
+
+class Pace:
+    """How fast this machine prefills and steps, as last measured: what admission control expects.
+
+    Both are moving averages over what the worker did: seconds per prompt token prefilled (large
+    prefills only; small ones are mostly overhead) and seconds between two steps of a batch
+    (other batches' steps and admissions included, which is what a row waits per token: the
+    decode step's own time let in presses that then got nothing, 11 of 60 at 20 writers).
+    Estimates only refuse where others are there (``crowded``), so one that says "slow" after a
+    slow spell is corrected by the next press, which runs alone.
+    """
+
+    def __init__(self, prefill_s_per_token: float = 0.002, step_s: float = 0.05):
+        self.prefill_s_per_token, self.step_s = prefill_s_per_token, step_s
+        self.backlog_tokens = 0  # prompt tokens posted and not yet prefilled
+        self.lock = threading.Lock()
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        if tokens >= 16:
+            self.prefill_s_per_token += 0.3 * (seconds / tokens - self.prefill_s_per_token)
+
+    def stepped(self, seconds: float) -> None:
+        self.step_s += 0.3 * (seconds - self.step_s)
+
+    def queue(self, tokens: int) -> None:
+        with self.lock:
+            self.backlog_tokens = max(0, self.backlog_tokens + tokens)
+
+    def wait_s(self) -> float:
+        """Until a press posted now is admitted: the prefills ahead, and a step of every batch per round."""
+        tokens = self.backlog_tokens
+        return tokens * self.prefill_s_per_token + (tokens / _ADMIT_TOKENS) * self.step_s
+
+    def need_s(self, new_tokens: int, shortest: int) -> float:
+        """From admission to a press's shortest row: its prefill, then a step per token (and two to end on a word)."""
+        return _MARGIN * (new_tokens * self.prefill_s_per_token + (shortest + 2) * self.step_s) + _RESERVE_S
 
 
 # ---------------------------------------------------------------- the engine
@@ -179,6 +223,7 @@ class SuggestionEngine(Backend):
         self.cache_limit = min(loaded.context_length, window or loaded.context_length)
         self.prefixes = PrefixStore(self.model, self.model.config, self.cache_limit)
         self.batches: list[Batch] = []  # touched by the queue's worker only
+        self.pace = Pace()
         self.queue: Scheduler[Press] = Scheduler(self.name, self.round_, lambda: bool(self.batches))
 
     @property
@@ -243,7 +288,18 @@ class SuggestionEngine(Backend):
         generator = None
         if ask.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(ask.seed))
-        press = Press(ask, generator)
+        ids, ask.result.truncated = self.prompt_ids(ask.text, ask.settings.context_tokens)
+        press = Press(ask, generator, ids, len(ids) - self.prefixes.reusable(ids))
+        # Admission control, early: a press that could not get even its shortest row within its
+        # budget behind the work already queued is refused now, with a clear "busy", rather than
+        # after waiting its whole budget for nothing (issue 11: 46 of 60 presses at 20 writers).
+        # Only where others are there: a press alone on the machine is always tried (its budget
+        # still cuts it), so a wrong estimate can never refuse everybody for good.
+        crowded = bool(self.batches) or self.pace.backlog_tokens > 0
+        if crowded and self.pace.wait_s() + self.pace.need_s(press.new_tokens, min(ask.wanted)) > ask.watch.left():
+            refuse(press)
+            return
+        self.pace.queue(press.new_tokens)
         self.queue.post(press)
         ask.watch.wait(press.done, on_gone=lambda: self.queue.cancel(press))
         if press.error is not None:
@@ -261,6 +317,7 @@ class SuggestionEngine(Backend):
         waiting = []
         for press in posted:
             if press.ask.watch.abandoned:  # called off while it waited: no model work at all
+                self.pace.queue(-press.new_tokens)
                 press.result.cancelled = True
                 press.done.set()
             else:
@@ -269,7 +326,8 @@ class SuggestionEngine(Backend):
             # Admit presses until this round has prefilled about _ADMIT_TOKENS new prompt
             # tokens: a burst of writers must not stall the presses already decoding.
             prefilled = 0
-            while waiting and (prefilled < _ADMIT_TOKENS or not self.batches):
+            allowed = min(_ADMIT_TOKENS, self.admission_room())
+            while waiting and (prefilled < allowed or not self.batches):
                 press = waiting.pop(0)
                 try:
                     admit(self, press)
@@ -286,6 +344,19 @@ class SuggestionEngine(Backend):
         return waiting
 
 
+    def admission_room(self) -> float:
+        """Prompt tokens this round may prefill without making a press in flight miss its budget.
+
+        A round's prefill delays every row's next token: a press a few steps from its deadline
+        must not be pushed past it by others' prompts (prefill work shared fairly).
+        """
+        lefts = [p.ask.watch.left() for batch in self.batches for p in batch.presses()]
+        if not lefts:
+            return float("inf")
+        slack = min(lefts) - _RESERVE_S - 2 * _MARGIN * self.pace.step_s
+        return max(0.0, slack / max(self.pace.prefill_s_per_token, 1e-6))
+
+
 # ---------------------------------------------------------------- admit, advance (the worker's, flat)
 
 
@@ -299,14 +370,28 @@ def fail(engine: SuggestionEngine, presses: list[Press], error: BaseException) -
             press.done.set()
 
 
+def refuse(press: Press) -> None:
+    """End a press before any work: it could not be answered within its budget."""
+    press.result.busy = True
+    press.result.message = BUSY.format(budget=press.ask.settings.max_time)
+    press.done.set()
+
+
 def admit(engine: SuggestionEngine, press: Press) -> None:
     """Prefill a press's prompt (reusing a cached prefix) and add its rows to a batch."""
     ask, result = press.ask, press.result
+    engine.pace.queue(-press.new_tokens)
     if ask.watch.cancelled():
         result.cancelled = True
         press.done.set()
         return
-    ids, result.truncated = engine.prompt_ids(ask.text, ask.settings.context_tokens)
+    ids = press.ids
+    # Never admitted past what its budget allows: were its shortest row not to come in time,
+    # its prefill would only delay everybody else's.
+    new_tokens = len(ids) - engine.prefixes.reusable(ids)
+    if engine.batches and engine.pace.need_s(new_tokens, min(ask.wanted)) > ask.watch.left():
+        refuse(press)
+        return
     result.prompt_tokens = len(ids)
     # Token healing: take the last token back when it is an ordinary piece.
     healed_piece = None
@@ -319,7 +404,9 @@ def admit(engine: SuggestionEngine, press: Press) -> None:
     if healed_piece is not None:
         ids = ids[:-1]
     press.context = ids[-_DECODE_CONTEXT:]
+    started = time.perf_counter()
     cache, logits, result.new_prompt_tokens = engine.prefixes.prefill(ids, engine.device)
+    engine.pace.prefilled(result.new_prompt_tokens, time.perf_counter() - started)
     n = len(ask.wanted)
     if healed_piece is not None:  # on the one row of the prompt, before it is copied for each suggestion
         allowed = engine.vocab.starting_with(healed_piece).to(engine.device)
@@ -349,6 +436,7 @@ def advance(engine: SuggestionEngine, batch: Batch) -> None:
     now = time.perf_counter()
     if batch.last_step_at is not None:
         batch.cycle_s = now - batch.last_step_at
+        engine.pace.stepped(batch.cycle_s)
     batch.last_step_at = now
     presses = batch.presses()
     tokens = torch.empty(len(batch.owners), dtype=torch.long, device=engine.device)
@@ -411,8 +499,9 @@ def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: lis
         pass
     elif ask.watch.cancelled():
         result.cancelled = True
-    # Stop early enough that the next round (about as long as the last one) fits the budget.
-    elif time.perf_counter() + batch.cycle_s >= ask.watch.deadline:
+    # Stop early enough that the next round (about as long as the last one, or longer when
+    # presses are being admitted) fits the budget, with the answer's way back.
+    elif time.perf_counter() + _MARGIN * batch.cycle_s + _RESERVE_S >= ask.watch.deadline:
         result.timed_out = True
     else:
         return False

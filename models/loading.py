@@ -200,24 +200,39 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
 
 
 _loaded: OrderedDict[str, LoadedModel] = OrderedDict()
-_load_lock = threading.Lock()
+_cache_lock = threading.Lock()  # the dict above, held only for a lookup or an insert
+_load_lock = threading.Lock()  # one model loads at a time (a conversion takes a core and ~1 GB)
 
 
 def load(spec: str | None) -> LoadedModel:
-    """Resolve and load a model, reusing one already loaded in this process."""
-    with _load_lock:
-        source = resolve(spec)
-        key = f"{source.kind}:{source.location}"
+    """Resolve and load a model, reusing one already loaded in this process.
+
+    A model already loaded is returned without waiting for another one that is loading: a
+    Tab press on the default model must not stall while a second model converts.
+    """
+    source = resolve(spec)
+    key = f"{source.kind}:{source.location}"
+    with _cache_lock:
         if key in _loaded:
             _loaded.move_to_end(key)
             return _loaded[key]
+    with _load_lock:
+        with _cache_lock:
+            if key in _loaded:  # loaded by another caller while this one waited
+                return _loaded[key]
         model = load_source(source)
-        _loaded[key] = model
-        while len(_loaded) > KEEP_IN_MEMORY:
-            _loaded.popitem(last=False)
+        with _cache_lock:
+            _loaded[key] = model
+            while len(_loaded) > KEEP_IN_MEMORY:
+                _loaded.popitem(last=False)
         return model
 
 
+def is_loaded(model: LoadedModel) -> bool:
+    with _cache_lock:
+        return any(m is model for m in _loaded.values())
+
+
 def loaded_models() -> list[LoadedModel]:
-    with _load_lock:
+    with _cache_lock:
         return list(_loaded.values())

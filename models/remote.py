@@ -17,7 +17,11 @@ what they are:
 - **time budget and cancel**: the connection is closed when the budget is spent or the writer
   typed on (checked between chunks and every 50 ms); closing it frees the server's slot;
 - **errors**: refused connections, HTTP errors and malformed answers become one-line
-  ``EngineError``s that name the endpoint.
+  ``EngineError``s that name the endpoint;
+- **the API key** ($TABWRITE_API_KEY) goes as ``Authorization: Bearer`` with every request,
+  ``/v1/models`` and the start-up probes included, and never into a message: one a header
+  cannot carry (a line break, a space, non-ASCII) is refused before any request, and a server
+  that echoes it back in an error has it replaced by ``[API key]``.
 
 What a server supports is learnt once, at start, from a few 8-token requests (``probe``): whether it
 honours ``n``, whether it accepts the non-standard sampling fields ``top_k`` and ``min_tokens``,
@@ -117,6 +121,38 @@ class ServerRow(Row):
 class ServerAnswerError(EngineError):
     """The server answered with an HTTP error (as opposed to not answering at all)."""
 
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+_KEY_VAR = "$TABWRITE_API_KEY"
+_KEY_SHOWN = "[API key]"
+_BEARER = re.compile(r"(bearer\s+)(?!\[API key\])[^\s\"',;]+", re.IGNORECASE)
+
+
+def check_api_key(api_key: str | None) -> str | None:
+    """The key to send (surrounding blanks taken off; None for none), or EngineError, which never shows it.
+
+    A header value is one line of visible ASCII: http.client refuses anything else with a
+    ValueError whose message holds the whole header, and a line break would start a header of
+    its own (the key's second line sent as a header of the writer's choosing).
+    """
+    key = (api_key or "").strip(" \t\r\n")
+    if not key:
+        return None
+    if all("!" <= c <= "~" for c in key):
+        return key
+    if any(c in "\r\n" for c in key):
+        what = "a line break"
+    elif any(c in " \t" for c in key):
+        what = "a space or tab" + (" (give the key alone, without 'Bearer ')" if key.lower().startswith("bearer ") else "")
+    elif any(ord(c) > 126 for c in key):
+        what = "a non-ASCII character"
+    else:
+        what = "a control character"
+    raise EngineError(f"the API key in {_KEY_VAR} has characters an HTTP header cannot carry ({what}); set it to the key alone")
+
 
 @dataclass(frozen=True)
 class RemoteDevice:
@@ -148,8 +184,12 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _server_message(status: int, body: bytes) -> str:
-    """The error message in a server's JSON error answer (OpenAI, vLLM, TGI, FastAPI shapes)."""
+def _server_message(status: int, body: bytes, redact: Callable[[str], str] = lambda text: text) -> str:
+    """The error message in a server's JSON error answer (OpenAI, vLLM, TGI, FastAPI shapes).
+
+    ``redact`` runs on the whole message before it is cut to one line, so that no part of a
+    secret the server echoes back (the API key) survives the cut.
+    """
     try:
         data = json.loads(body.decode("utf-8", "replace"))
     except ValueError:
@@ -160,8 +200,9 @@ def _server_message(status: int, body: bytes) -> str:
         message = (error.get("message") if isinstance(error, dict) else error) or data.get("message") or data.get("detail")
     if not message:
         message = body.decode("utf-8", "replace").strip() or http.client.responses.get(status, "")
+    message = redact(str(message)).strip()
     # Servers put stack traces after the message (llama-cpp-python): the first line is the message.
-    return _one_line(str(message).strip().splitlines()[0] if str(message).strip() else "")
+    return _one_line(message.splitlines()[0] if message else "")
 
 
 class _Stream:
@@ -193,7 +234,7 @@ class _Stream:
             conn.request("POST", path, body=json.dumps(body).encode("utf-8"), headers=backend._headers(stream=True))
             response = conn.getresponse()
             if response.status >= 400:
-                message = _server_message(response.status, response.read(4000))
+                message = _server_message(response.status, response.read(4000), backend._redact)
                 self._put("error", backend._http_error(path, response.status, message))
                 return
             data: list[bytes] = []
@@ -233,7 +274,8 @@ class _Stream:
             error = chunk.get("error") if isinstance(chunk, dict) else None
             message = error.get("message") if isinstance(error, dict) else error
             if message:
-                self._put("error", EngineError(f"the model server at {self._backend.endpoint} failed: {_one_line(message)}"))
+                message = _one_line(self._backend._redact(str(message)))
+                self._put("error", EngineError(f"the model server at {self._backend.endpoint} failed: {message}"))
             else:
                 self._put("error", self._backend._malformed())
             return True
@@ -270,7 +312,7 @@ class OpenAICompletionsBackend(Backend):
         self.endpoint, self._scheme, self._host, self._port, self._base = self.parse_endpoint(endpoint)
         self.model = model
         self.models = list(models or [model])
-        self._api_key = api_key or None
+        self._api_key = check_api_key(api_key)  # before any request: EngineError without the key
         self.features = features or ServerFeatures()
         self.device = RemoteDevice(f"{self._host}:{self._port}")
         self._siblings: dict[str, OpenAICompletionsBackend] = {model: self}
@@ -319,7 +361,7 @@ class OpenAICompletionsBackend(Backend):
         None decides by measuring (on where they cost little), True / False forces them.
         Raises EngineError with one line when the server cannot be used.
         """
-        backend = cls(endpoint, model or "")
+        backend = cls(endpoint, model or "", api_key=api_key)  # the key goes with /v1/models too
         served = backend.list_models()
         if model:
             if served and model not in served:
@@ -380,6 +422,15 @@ class OpenAICompletionsBackend(Backend):
             headers["Authorization"] = f"Bearer {self._api_key}"
         return headers
 
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key (a server may echo the Authorization header back)."""
+        if not self._api_key:
+            return text  # nothing secret was sent
+        escaped = json.dumps(self._api_key)[1:-1]  # as a JSON string spells it
+        for form in (self._api_key, escaped, escaped.replace("/", "\\/")):
+            text = text.replace(form, _KEY_SHOWN)
+        return _BEARER.sub(lambda m: m.group(1) + _KEY_SHOWN, text)  # "Bearer <what we sent>", also cut or changed
+
     def _connection_error(self, e: Exception) -> EngineError:
         if isinstance(e, ConnectionRefusedError):
             why = "connection refused"
@@ -390,11 +441,13 @@ class OpenAICompletionsBackend(Backend):
         elif isinstance(e, OSError):
             why = e.strerror or type(e).__name__
         else:
-            why = f"{type(e).__name__}: {_one_line(e, 120)}"
+            why = f"{type(e).__name__}: {_one_line(self._redact(str(e)), 120)}"
         return EngineError(f"cannot reach the model server at {self.endpoint} ({why})")
 
     def _http_error(self, path: str, status: int, message: str) -> EngineError:
-        return ServerAnswerError(f"the model server at {self.endpoint} answered {status} to {path}: {message}")
+        if status in (401, 403):  # say which setting to look at
+            message += f" ({'check' if self._api_key else 'no API key was sent: set'} {_KEY_VAR})"
+        return ServerAnswerError(f"the model server at {self.endpoint} answered {status} to {path}: {message}", status)
 
     def _malformed(self) -> EngineError:
         return EngineError(f"the model server at {self.endpoint} sent an answer that is not an OpenAI completions stream")
@@ -415,7 +468,7 @@ class OpenAICompletionsBackend(Backend):
         if response.status >= 400:
             if response.status == 404 and method == "GET":
                 return response.status, None
-            raise self._http_error(path, response.status, _server_message(response.status, payload))
+            raise self._http_error(path, response.status, _server_message(response.status, payload, self._redact))
         try:
             return response.status, json.loads(payload.decode("utf-8"))
         except ValueError:
@@ -469,6 +522,8 @@ class OpenAICompletionsBackend(Backend):
             try:
                 seen, _, _ = self._probe_once(settings, n, False)  # also warms the server up
             except ServerAnswerError as e:  # perhaps a field it refuses: try with fewer
+                if e.status in (401, 403):  # not a field: the key
+                    raise
                 last_error = e
                 continue
             features.choices = n > 1 and seen > 1

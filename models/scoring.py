@@ -8,6 +8,13 @@ first choice), which GLTR colours in buckets: top 10, top 100, top 1000, beyond.
 Long documents are scored in windows: each window re-reads a little of the previous one
 as context, so no token is scored without any context but the first.
 
+A local model's scoring is bounded whatever the text: the text is cut to what MAX_TOKENS
+tokens could cover before it is tokenized, a window's full-vocabulary logits exist SCORE_CHUNK
+positions at a time (Gemma 3's 262144 tokens: 64 MiB, not 576 MiB per window and as much
+again for each copy), and few scorings run at once per model: $TABWRITE_SCORE_CONCURRENCY
+(default 1), with $TABWRITE_SCORE_QUEUE (default 2) waiting at most $TABWRITE_SCORE_WAIT_S
+(default 60) seconds; any more are answered BUSY at once.
+
 Both backends score here, side by side: ``score_local`` runs the model in this process
 (models/engine.py), ``score_remote`` reads the log-probabilities a server returns for the
 echoed text (models/remote.py). torch is imported by the first only, so the remote backend
@@ -17,7 +24,11 @@ runs without it.
 from __future__ import annotations
 
 import math
+import os
 import re
+import threading
+import time
+import weakref
 from typing import TYPE_CHECKING, Callable
 
 from models.core import MARKUP, EngineError, clean_prompt
@@ -31,6 +42,13 @@ OVERLAP = 64  # tokens of the previous window re-read as context
 MAX_TOKENS = 4096  # longer documents: the last MAX_TOKENS tokens are scored
 ALTERNATIVES = 5
 EMPTY = "Nothing to score: the document is empty."
+MAX_CHARS_PER_TOKEN = 12  # only the last MAX_TOKENS * this characters are read (tokenized) at all
+SCORE_CHUNK = 64  # positions whose full-vocabulary logits exist at once (Gemma 3: 64 x 262144 fp32 = 64 MiB)
+SCORE_ALIGN = 16  # chunks start at a multiple of this row (models/kernels.py SCREEN_ROWS; SCORE_CHUNK a multiple)
+BUSY = "Busy: the perplexity view is scoring other documents; try again in a few seconds."
+CONCURRENCY_ENV = "TABWRITE_SCORE_CONCURRENCY"  # scorings that run at once per model (default 1)
+QUEUE_ENV = "TABWRITE_SCORE_QUEUE"  # scorings that wait for one of those places (default 2); more are BUSY
+WAIT_ENV = "TABWRITE_SCORE_WAIT_S"  # how long one waits before it is BUSY after all (default 60)
 
 # A model on a server: text instead of tokens.
 NO_PROMPT_LOGPROBS = "The perplexity view needs a local model or a server that returns prompt logprobs"
@@ -68,24 +86,51 @@ def score_local(
     alternatives: int = ALTERNATIVES,
     on_progress: Callable[[float], None] | None = None,
 ) -> dict:
+    """The perplexity view's result for ``text`` under the engine's model, or {"error": ...}.
+
+    Bounded whatever the text: only its last MAX_TOKENS * MAX_CHARS_PER_TOKEN characters are
+    read at all; full-vocabulary logits exist for SCORE_CHUNK positions at a time; at most
+    $TABWRITE_SCORE_CONCURRENCY scorings run per engine and $TABWRITE_SCORE_QUEUE wait (at
+    most $TABWRITE_SCORE_WAIT_S seconds), the others are answered BUSY at once.
+    """
+    text = text or ""
+    # What MAX_TOKENS tokens could cover, starting at a space (a whole token) where one is near.
+    precut = max(0, len(text) - MAX_TOKENS * MAX_CHARS_PER_TOKEN)
+    if precut:
+        space = re.search(r"\s", text[precut : precut + 64])
+        precut += space.start() if space else 0
+    text = clean_prompt(text[precut:])
+    if not text.strip() and not (precut and text):
+        return {"error": EMPTY}
+    limiter = _limiter(engine)
+    if not limiter.enter(
+        _env_number(CONCURRENCY_ENV, 1, 1, int), _env_number(QUEUE_ENV, 2, 0, int), _env_number(WAIT_ENV, 60.0, 0.0, float)
+    ):
+        return {"error": BUSY}
+    try:
+        return _score_local(engine, text, alternatives, on_progress, precut)
+    finally:
+        limiter.leave()
+
+
+def _score_local(engine, text: str, alternatives: int, on_progress, precut: int) -> dict:
     import torch
 
-    from models.steps import read_all
+    from models.steps import read_all, read_hidden, read_logits
 
-    text = clean_prompt(text or "")
-    if not text.strip():
-        return {"error": EMPTY}
     tokenizer = engine.tokenizer
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc.input_ids), [tuple(o) for o in enc.offset_mapping]
-    truncated = len(ids) > MAX_TOKENS
+    truncated = precut > 0 or len(ids) > MAX_TOKENS
     cut = 0
-    if truncated:
+    if len(ids) > MAX_TOKENS:
         ids, offsets = ids[-MAX_TOKENS:], offsets[-MAX_TOKENS:]
         cut = offsets[0][0]
         text, offsets = text[cut:], [(s - cut, e - cut) for s, e in offsets]
     spans = token_spans(text, offsets)
     bos = [engine.bos_id] if engine.bos_id is not None else []
+    split = _split_head_works(engine)
+    decoded: dict[int, str] = {}
     results: list[dict] = []
     total_nll, scored_chars = 0.0, 0
     first = 0 if bos else 1  # without a BOS token the first token has nothing to be predicted from
@@ -97,38 +142,154 @@ def score_local(
         end = min(start + WINDOW, len(ids))
         context_start = max(0, start - OVERLAP)
         feed = (bos if context_start == 0 else []) + ids[context_start:end]
-        with engine.lock:  # one window at a time, so Tab presses of other writers go on in between
-            logits = read_all(engine.model, torch.tensor([feed], device=engine.device))
-        # logits[k] predicts feed[k + 1]; the targets are ids[start:end].
-        offset = len(feed) - (end - start) - 1
-        with torch.inference_mode():
-            logp = torch.log_softmax(logits[offset : offset + (end - start)], dim=-1)
-            targets = torch.tensor(ids[start:end], device=logp.device)
-            target_logp = logp.gather(1, targets[:, None]).squeeze(1)
-            ranks = (logp > target_logp[:, None]).sum(dim=1) + 1
-            # Alternatives are text the writer could use: no control tokens such as <start_of_image>.
-            top_logp, top_ids = logp.index_fill(1, engine.stop_ids, float("-inf")).topk(alternatives, dim=-1)
-        for k, token_index in enumerate(range(start, end)):
-            s, e = spans[token_index]
-            nll = -target_logp[k].item()
-            total_nll += nll
-            scored_chars += e - s
-            results.append(
-                {
-                    "text": text[s:e],
-                    "start": s,
-                    "end": e,
-                    "prob": math.exp(-nll),
-                    "rank": int(ranks[k]),
-                    "alternatives": [
-                        {"text": tokenizer.decode([int(i)]), "prob": math.exp(float(lp))}
-                        for lp, i in zip(top_logp[k].tolist(), top_ids[k].tolist())
-                    ],
-                }
-            )
+        # Row k of the window predicts feed[k + 1]; the targets ids[start:end] are predicted by
+        # rows offset .. offset + count - 1.
+        count = end - start
+        offset = len(feed) - count - 1
+        targets = torch.tensor(ids[start:end], device=engine.device)
+        _after_presses(engine)
+        with engine.lock:  # one forward pass at a time, so Tab presses of other writers go on in between
+            states = (read_hidden if split else read_all)(engine.model, torch.tensor([feed], device=engine.device))
+        # Chunks of rows aligned as one pass over the window would have them (an output layer
+        # may quantize SCORE_ALIGN rows together): their logits are the ones read_all gives.
+        for a in range(offset // SCORE_ALIGN * SCORE_ALIGN, offset + count, SCORE_CHUNK):
+            b = min(a + SCORE_CHUNK, len(feed))
+            if split:
+                _after_presses(engine)
+                with engine.lock:
+                    logits = read_logits(engine.model, states[a:b])
+            else:
+                logits = states[a:b]
+            lo, hi = max(a, offset), min(b, offset + count)  # the rows of this chunk that predict targets
+            with torch.inference_mode():
+                logp = torch.log_softmax(logits[lo - a : hi - a], dim=-1)
+                del logits
+                target_logp = logp.gather(1, targets[lo - offset : hi - offset, None]).squeeze(1)
+                ranks = (logp > target_logp[:, None]).sum(dim=1) + 1
+                # Alternatives are text the writer could use: no control tokens such as <start_of_image>.
+                top_logp, top_ids = logp.index_fill_(1, engine.stop_ids, float("-inf")).topk(alternatives, dim=-1)
+                del logp
+            for k, value, rank, tops, top_id in zip(
+                range(lo - offset, hi - offset), target_logp.tolist(), ranks.tolist(), top_logp.tolist(), top_ids.tolist()
+            ):
+                s, e = spans[start + k]
+                total_nll -= value
+                scored_chars += e - s
+                alternatives_of = []
+                for lp, i in zip(tops, top_id):
+                    if i not in decoded:
+                        decoded[i] = tokenizer.decode([i])
+                    alternatives_of.append({"text": decoded[i], "prob": math.exp(lp)})
+                results.append(
+                    {"text": text[s:e], "start": s, "end": e, "prob": math.exp(value), "rank": rank, "alternatives": alternatives_of}
+                )
+        del states
         if on_progress is not None:
             on_progress((n + 1) / len(windows))
-    return summary(engine.name, results, total_nll, scored_chars, truncated, cut)
+    return summary(engine.name, results, total_nll, scored_chars, truncated, precut + cut)
+
+
+# The model's output layer is run apart from the rest (read_hidden -> read_logits) where that
+# gives the model's own logits, checked once per model on a few tokens; else (an architecture
+# that does more after its output layer) each window's logits come whole from read_all.
+_SPLIT_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PROBE_TEXT = "The perplexity view reads a text"
+
+
+PRESS_PRIORITY_S = 2.0  # the longest a scoring step waits for Tab presses to finish before it goes anyway
+
+
+def _after_presses(engine) -> None:
+    """Let Tab presses go first: wait (at most PRESS_PRIORITY_S) while the engine has presses
+    in flight or waiting. A scoring window holds the model ~0.5 s on 2 cores, and the lock is
+    not fair, so without this a writer's Tab waited behind a whole document's windows
+    (bench.load --hostile: the writers' p95 1.83x with three 25k-character scorings running)."""
+    deadline = time.monotonic() + PRESS_PRIORITY_S
+    while (getattr(engine, "batches", None) or engine.queue.pending()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _split_head_works(engine) -> bool:
+    import torch
+
+    from models.steps import read_all, read_hidden, read_logits
+
+    model = engine.model
+    known = _SPLIT_CHECKED.get(model)
+    if known is not None:
+        return known
+    bos = [engine.bos_id] if engine.bos_id is not None else []
+    probe = torch.tensor([(bos + list(engine.tokenizer(_PROBE_TEXT, add_special_tokens=False).input_ids))[:8]], device=engine.device)
+    with engine.lock:
+        whole = read_all(model, probe)
+        try:
+            parts = read_logits(model, read_hidden(model, probe))
+        except Exception:  # no base_model / output layer where transformers puts them
+            parts = None
+    works = (
+        parts is not None
+        and parts.shape == whole.shape
+        and bool(torch.allclose(parts, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max())))
+    )
+    _SPLIT_CHECKED[model] = works
+    return works
+
+
+# ---------------------------------------------------------------- how many score at once
+
+
+class _Limiter:
+    """At most ``running`` scorings of one engine at a time and ``waiting`` queued behind them."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.running = 0
+        self.waiting = 0
+
+    def enter(self, running: int, waiting: int, wait_s: float) -> bool:
+        """Take a place (True), waiting at most ``wait_s`` for one; False when none is free in time."""
+        with self._changed:
+            if self.running < running and self.waiting == 0:
+                self.running += 1
+                return True
+            if self.waiting >= waiting:
+                return False
+            self.waiting += 1
+            try:
+                deadline = time.monotonic() + wait_s
+                while self.running >= running:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._changed.wait(left)
+                self.running += 1
+                return True
+            finally:
+                self.waiting -= 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self.running -= 1
+            self._changed.notify()
+
+
+_LIMITERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LIMITERS_LOCK = threading.Lock()
+
+
+def _limiter(engine) -> _Limiter:
+    with _LIMITERS_LOCK:
+        limiter = _LIMITERS.get(engine)
+        if limiter is None:
+            limiter = _LIMITERS[engine] = _Limiter()
+        return limiter
+
+
+def _env_number(name: str, default, minimum, kind):
+    try:
+        return max(minimum, kind(os.environ.get(name, default)))
+    except (TypeError, ValueError):
+        return default
 
 
 def summary(model: str, tokens: list[dict], total_nll: float, scored_chars: int, truncated: bool, text_offset: int) -> dict:

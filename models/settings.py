@@ -39,8 +39,19 @@ class Settings:
         return asdict(self)
 
 
+MAX_LENGTHS = 8  # values in ``lengths``: more is refused before parsing (a list of 10^7 is work for nothing)
+
+
+def _shown(value) -> str:
+    """``value`` as a note may quote it: short, one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 def parse_lengths(value) -> list[int]:
-    """Accept "4, 12, 32", [4, 12, 32] or a single number."""
+    """Accept "4, 12, 32", [4, 12, 32] or a single number (at most MAX_LENGTHS of them)."""
+    if isinstance(value, str) and len(value) > 16 * MAX_LENGTHS or isinstance(value, (list, tuple)) and len(value) > MAX_LENGTHS:
+        raise ValueError("too many lengths")
     if isinstance(value, str):
         parts = [p for p in value.replace(";", ",").replace(" ", ",").split(",") if p.strip()]
         return [int(float(p)) for p in parts]
@@ -55,8 +66,9 @@ def validate(raw: dict | None) -> tuple[Settings, list[str]]:
     notes: list[str] = []
     raw = dict(raw or {})
     known = {f.name for f in fields(Settings)}
-    for key in sorted(set(raw) - known):
-        notes.append(f"unknown setting '{key}' ignored")
+    unknown = sorted(str(key)[:40] for key in set(raw) - known)
+    if unknown:
+        notes.append(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown[:5])}{', …' if len(unknown) > 5 else ''} ignored")
     for key, (low, high) in LIMITS.items():
         if key not in raw or raw[key] is None or raw[key] == "":
             continue
@@ -66,7 +78,7 @@ def validate(raw: dict | None) -> tuple[Settings, list[str]]:
             if not math.isfinite(value):
                 raise ValueError
         except (TypeError, ValueError, OverflowError):
-            notes.append(f"{key}: {raw[key]!r} is not a number, using {getattr(settings, key)}")
+            notes.append(f"{key}: {_shown(raw[key])} is not a number, using {getattr(settings, key)}")
             continue
         clamped = min(max(value, low), high)
         if clamped != value:
@@ -77,10 +89,12 @@ def validate(raw: dict | None) -> tuple[Settings, list[str]]:
     if raw.get("lengths") not in (None, "", []):
         try:
             lengths = parse_lengths(raw["lengths"])
-            if not lengths:
+            if not lengths or len(lengths) > MAX_LENGTHS:
                 raise ValueError
         except (TypeError, ValueError, OverflowError):
-            notes.append(f"lengths: {raw['lengths']!r} is not a list of numbers, using {settings.lengths}")
+            notes.append(
+                f"lengths: {_shown(raw['lengths'])} is not a list of at most {MAX_LENGTHS} numbers, using {settings.lengths}"
+            )
         else:
             low, high = LENGTH_LIMITS
             fixed = sorted(min(max(n, low), high) for n in lengths)

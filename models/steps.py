@@ -1,9 +1,9 @@
 """The model steps of a Tab press as small plain functions (after gpt-fast's generate.py).
 
-prefill -> (sample -> decode_step)*, and read_all for the perplexity view: the engine, the
-batching code and scoring call these and nothing else of the model, so this file is all there
-is to read about what runs (decode_step hands Gemma 3 and Llama to models/decode.py's step,
-written out).
+prefill -> (sample -> decode_step)*, and read_hidden -> read_logits (or read_all) for the
+perplexity view: the engine, the batching code and scoring call these and nothing else of the
+model, so this file is all there is to read about what runs (decode_step hands Gemma 3 and
+Llama to models/decode.py's step, written out).
 """
 
 from __future__ import annotations
@@ -54,6 +54,27 @@ def decode_step(
 def read_all(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits at every position of one text, no cache (scoring): input_ids [1, T] -> [T, V] in fp32."""
     return model(input_ids=input_ids).logits[0].float()
+
+
+@torch.inference_mode()
+def read_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden state at every position of one text, before the output layer (scoring
+    in bounded memory): input_ids [1, T] -> [T, hidden]. read_logits turns rows of it into
+    logits; together they give read_all's result without its [T, V] tensor."""
+    return model.base_model(input_ids=input_ids).last_hidden_state[0]
+
+
+@torch.inference_mode()
+def read_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of rows of read_hidden's result: hidden [n, hidden] -> [n, V] in fp32, with the
+    final logit soft-capping where the model has one (Gemma 2; transformers' own order of operations)."""
+    logits = model.get_output_embeddings()(hidden[None])[0]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
+    return logits.float()
 
 
 def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,3 +104,15 @@ def row_final(previous: str, text: str, count: int, target: int) -> str | None:
     if count >= hard_cap(target):
         return complete_prefix(text) or text
     return None
+
+
+def tail(text: str, limit: int, step: int = 8192) -> str:
+    """The end of ``text``, at most ``limit`` characters, cut at a multiple of ``step`` from its start.
+
+    Cut in steps (not at len(text) - limit) so that while the writer types the start stays put
+    and the model's window, and with it the prefix cache, does not move on every keystroke.
+    """
+    if len(text) <= limit:
+        return text
+    step = max(1, min(step, limit))
+    return text[-(-(len(text) - limit) // step) * step :]

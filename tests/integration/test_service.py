@@ -46,11 +46,11 @@ def wait_for(condition, what: str, timeout: float = 60) -> None:
 def test_tab_during_precomputation_waits_for_it(service):
     text = "The train was late again, so we decided to"
     pre: dict = {}
-    worker = threading.Thread(target=lambda: pre.update(service.suggest_for_session("writer-c", text, prefetch=True)))
+    worker = threading.Thread(target=lambda: pre.update(service.suggest_for_session("writer-c", text, prefetch=True, seq=7)))
     worker.start()
-    # The pre-computation has begun once the session's progress names its text (it is registered
+    # The pre-computation has begun once the session's progress carries its number (it is registered
     # just before): the Tab then finds it running, or already stored; either way it must not start over.
-    wait_for(lambda: service.progress("writer-c").get("text") == text or not worker.is_alive(), "the pre-computation")
+    wait_for(lambda: service.progress("writer-c").get("seq") == 7 or not worker.is_alive(), "the pre-computation")
     tab = service.suggest_for_session("writer-c", text)
     worker.join(timeout=60)
     assert not worker.is_alive()
@@ -71,12 +71,12 @@ def test_progress_streams_finished_rows_and_cancel_stops(service):
     seen: list[int] = []
     service.update_settings("writer-e", DEFAULT_MODEL, {"lengths": "2, 40, 80", "max_time": 20})
     answer: dict = {}
-    worker = threading.Thread(target=lambda: answer.update(service.suggest_for_session("writer-e", text)))
+    worker = threading.Thread(target=lambda: answer.update(service.suggest_for_session("writer-e", text, seq=3)))
     worker.start()
     deadline = time.time() + 30
     while worker.is_alive() and time.time() < deadline:
         progress = service.progress("writer-e")
-        if progress.get("text") == text and progress["suggestions"]:
+        if progress.get("seq") == 3 and progress["suggestions"]:
             seen.append(len(progress["suggestions"]))
             break
         time.sleep(0.02)

@@ -8,6 +8,7 @@ Japanese sentences, so that token healing, CJK text and broken UTF-8 all occur.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -428,13 +429,41 @@ def test_cancel_during_generation_stops_early(engine):
 
 def test_tiny_time_budget_stops_after_one_step(engine):
     settings = Settings(lengths=[200], num_suggestions=3, max_time=0.0)
-    started = time.perf_counter()
-    result = engine.suggest("The quick brown", settings, seed=0)
+    saved = engine.pace.prefill_s_per_token, engine.pace.step_s
+    # Admission control would refuse a budget of 0 outright; told that steps take no time, it admits
+    # the press, and the budget then stops it after its first step.
+    engine.pace.prefill_s_per_token, engine.pace.step_s = 0.0, -1.0
+    try:
+        started = time.perf_counter()
+        result = engine.suggest("The quick brown", settings, seed=0)
+    finally:
+        engine.pace.prefill_s_per_token, engine.pace.step_s = saved
     assert time.perf_counter() - started < 5
     assert result.timed_out and result.steps == 1
     assert "time" in result.message
     for s in result.suggestions:
         assert textcut.REPLACEMENT_CHAR not in s.text
+
+
+def test_a_press_that_cannot_be_answered_within_its_budget_is_refused_before_any_work(engine):
+    saved = engine.pace.prefill_s_per_token, engine.pace.step_s
+    engine.pace.step_s = 0.5  # as measured under load: 6 steps for a 4-token row take 3 s
+    ahead = threading.Thread(target=engine.suggest, args=("Another writer's text, ahead in the queue", Settings(lengths=[4])))
+    try:
+        with engine.lock:  # the press ahead is posted and waits: the machine is not free
+            posted = engine.queue.posted
+            ahead.start()
+            until = time.monotonic() + 10
+            while engine.queue.posted == posted and time.monotonic() < until:
+                time.sleep(0.001)
+            refused = engine.suggest("The quick brown", Settings(lengths=[4, 8], max_time=2.0), seed=0)
+        ahead.join(timeout=60)
+        alone = engine.suggest("The quick brown", Settings(lengths=[4, 8], max_time=2.0), seed=0)
+    finally:
+        engine.pace.prefill_s_per_token, engine.pace.step_s = saved
+    assert refused.busy and refused.steps == 0 and not refused.suggestions and refused.message.startswith("Busy")
+    # Alone on the machine, the same press is tried whatever the estimate says (its budget still cuts it).
+    assert not alone.busy and alone.steps > 0
 
 
 # ---------------------------------------------------------------- the prefix KV cache

@@ -129,3 +129,156 @@ except ImportError:
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# -- the API key: sent with every request, shown in no message (issue 11, item 6)
+
+import io  # noqa: E402
+import json  # noqa: E402
+
+from models.remote import _server_message  # noqa: E402
+
+KEY = "sk-unit-7f3a9c2e/b41d+e8"
+
+
+class _FakeResponse:
+    def __init__(self, status: int, body: bytes):
+        self.status, self._body = status, io.BytesIO(body)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._body.read(n)
+
+    def readline(self) -> bytes:
+        return self._body.readline()
+
+
+class _FakeConnection:
+    """Stands in for http.client's connection: records what was sent, answers with ``server``."""
+
+    def __init__(self, server):
+        self.server, self.sock = server, None
+
+    def connect(self):
+        pass
+
+    def request(self, method, path, body=None, headers=None):
+        headers = dict(headers or {})
+        self.server.seen.append((method, path, headers))
+        self.response = self.server.answer(method, path, json.loads(body) if body else None, headers)
+
+    def getresponse(self):
+        return self.response
+
+    def close(self):
+        pass
+
+
+class _FakeServer:
+    """An OpenAI-compatible server that wants ``Authorization: Bearer <key>`` on every route and
+    echoes the header it got in its errors (as some proxies do)."""
+
+    def __init__(self, key: str, fail_completions: str | None = None):
+        self.key, self.fail_completions, self.seen = key, fail_completions, []
+
+    def answer(self, method, path, body, headers):
+        auth = headers.get("Authorization")
+        if auth != f"Bearer {self.key}":
+            text = json.dumps({"error": {"message": f"invalid Authorization header: {auth}"}})
+            return _FakeResponse(401, text.encode())
+        if method == "GET" and path == "/v1/models":
+            return _FakeResponse(200, json.dumps({"data": [{"id": "m"}]}).encode())
+        if self.fail_completions == "http":
+            # The key straddles the 200-character cut of a one-line message.
+            return _FakeResponse(500, ("x" * 160 + f" upstream refused {auth}\ntraceback").encode())
+        if self.fail_completions == "stream":
+            chunk = {"error": {"message": f"upstream refused {auth}"}}
+            return _FakeResponse(200, f"data: {json.dumps(chunk)}\n\n".encode())
+        chunks = [{"choices": [{"index": i, "text": f" word{t}", "finish_reason": None}]} for t in range(8) for i in range(body.get("n", 1))]
+        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return _FakeResponse(200, sse.encode())
+
+
+@pytest.fixture
+def fake_server(monkeypatch):
+    servers = []
+
+    def make(key=KEY, fail_completions=None):
+        server = _FakeServer(key, fail_completions)
+        servers.append(server)
+        monkeypatch.setattr(OpenAICompletionsBackend, "_connection", lambda self, timeout: _FakeConnection(server))
+        return server
+
+    return make
+
+
+def test_the_key_goes_with_every_request_models_list_included(fake_server):
+    server = fake_server()
+    backend = OpenAICompletionsBackend.connect("http://gpu:8000", api_key=KEY, logprobs=False)
+    assert backend.model == "m" and backend.features.choices
+    assert [p for _, p, _ in server.seen][:2] == ["/v1/models", "/v1/completions"]
+    assert all(h.get("Authorization") == f"Bearer {KEY}" for _, _, h in server.seen)
+    assert backend.for_model("m")._headers()["Authorization"] == f"Bearer {KEY}"
+
+
+def test_a_key_a_header_cannot_carry_is_refused_before_any_request_and_not_shown(fake_server):
+    server = fake_server()
+    for bad, why in [
+        ("sk-first\r\nX-Injected: 1", "line break"),
+        ("sk-first\nsecond", "line break"),
+        ("Bearer sk-first", "without 'Bearer '"),
+        ("sk-first second", "space"),
+        ("sk-first\u00e9", "non-ASCII"),
+        ("sk-first\x00", "control"),
+    ]:
+        with pytest.raises(EngineError) as caught:
+            OpenAICompletionsBackend.connect("http://gpu:8000", api_key=bad)
+        message = str(caught.value)
+        assert "$TABWRITE_API_KEY" in message and why in message, message
+        assert "sk-first" not in message and "Injected" not in message and "second" not in message
+        assert "\n" not in message and "\r" not in message
+    assert server.seen == []
+    # Blanks around the key (a pasted secret's line break) are not part of it; no key, no header.
+    assert OpenAICompletionsBackend("http://gpu:8000", "m", api_key=f"  {KEY}\n")._headers()["Authorization"] == f"Bearer {KEY}"
+    assert "Authorization" not in OpenAICompletionsBackend("http://gpu:8000", "m", api_key=" \n")._headers()
+
+
+def test_a_server_that_echoes_the_key_has_it_taken_out_of_every_message(fake_server):
+    # The wrong key: 401 to /v1/models, with the header echoed back.
+    fake_server(key="sk-the-right-one")
+    with pytest.raises(EngineError) as caught:
+        OpenAICompletionsBackend.connect("http://gpu:8000", api_key=KEY)
+    message = str(caught.value)
+    assert "401 to /v1/models" in message and "[API key]" in message and "check $TABWRITE_API_KEY" in message
+    assert KEY not in message and "sk-unit" not in message
+    # No key at all: the message says to set one, and the probes are not retried.
+    server = fake_server(key="sk-the-right-one")
+    backend = OpenAICompletionsBackend("http://gpu:8000", "m")
+    with pytest.raises(EngineError, match=r"no API key was sent: set \$TABWRITE_API_KEY"):
+        backend.probe()
+    assert len(server.seen) == 1
+    # An error answer mid-session, with the key where the one-line cut would halve it.
+    for how in ("http", "stream"):
+        fake_server(fail_completions=how)
+        backend = OpenAICompletionsBackend("http://gpu:8000", "m", api_key=KEY)
+        stream = backend._open({"model": "m", "prompt": "x", "stream": True}, 5.0)
+        kind, error = stream.events.get(timeout=5)
+        assert kind == "error" and "upstream refused Bearer [API key]" in str(error), str(error)
+        assert "sk-unit" not in str(error)
+
+
+def test_key_is_redacted_in_every_form_a_message_may_hold_it():
+    backend = OpenAICompletionsBackend("http://gpu:8000", "m", api_key=KEY)
+    escaped = KEY.replace("/", "\\/")  # as some JSON encoders write "/"
+    for body in (
+        json.dumps({"error": {"message": f"bad key {KEY}"}}).encode(),
+        json.dumps({"detail": f"bad key {KEY}"}).encode(),
+        f'{{"error": "bad key {escaped}"'.encode(),  # not JSON (cut off): the raw text
+        f"bad key Bearer {KEY[:10]}".encode(),  # a server that shortens what it echoes
+    ):
+        message = _server_message(401, body, backend._redact)
+        assert "[API key]" in message and KEY[:8] not in message, message
+    # http.client's ValueError for a header value holds the whole header.
+    error = backend._connection_error(ValueError(f"Invalid header value b'Bearer {KEY}\\r\\nX: 1'"))
+    assert KEY[:8] not in str(error) and "ValueError" in str(error)
+    # Without a key, nothing is secret and server messages stay as they are.
+    assert OpenAICompletionsBackend("http://gpu:8000", "m")._redact("missing Bearer token") == "missing Bearer token"

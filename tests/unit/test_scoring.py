@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -71,3 +73,247 @@ def test_very_long_text_keeps_the_end(engine, monkeypatch):
 
 def test_empty_text_is_a_clear_error(engine):
     assert "empty" in score(engine, "  \n ")["error"]
+
+
+# ---------------------------------------------------------------- bounded memory: the output layer in chunks
+
+
+def reference_score(engine, text: str, alternatives: int = scoring.ALTERNATIVES) -> list[dict]:
+    """The unchunked computation (what scoring did before): each window's full [T, V] logits, log-softmax, gather."""
+    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    bos = [engine.bos_id] if engine.bos_id is not None else []
+    out = []
+    for start in range(0 if bos else 1, len(ids), scoring.WINDOW):
+        end = min(start + scoring.WINDOW, len(ids))
+        context_start = max(0, start - scoring.OVERLAP)
+        feed = (bos if context_start == 0 else []) + ids[context_start:end]
+        with torch.inference_mode():
+            logits = engine.model(input_ids=torch.tensor([feed])).logits[0].float()
+            offset = len(feed) - (end - start) - 1
+            logp = torch.log_softmax(logits[offset : offset + (end - start)], dim=-1)
+            target = logp.gather(1, torch.tensor(ids[start:end])[:, None]).squeeze(1)
+            ranks = (logp > target[:, None]).sum(dim=1) + 1
+            top_logp, top_ids = logp.index_fill(1, engine.stop_ids, float("-inf")).topk(alternatives, dim=-1)
+        for k in range(end - start):
+            out.append({"logp": float(target[k]), "rank": int(ranks[k]), "top": top_ids[k].tolist(), "top_logp": top_logp[k].tolist()})
+    return out
+
+
+def tiny_engine(kind: str, tok, softcap: float | None = None):
+    import transformers
+
+    from tests.unit.test_engine_logic import wrap
+
+    torch.manual_seed(3)
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, **common,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=2048, **common)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, sliding_window=48, max_position_embeddings=2048,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            final_logit_softcapping=softcap, **common,
+        )
+        model = transformers.Gemma3ForCausalLM(config)
+    with torch.no_grad():  # sharper than a random init, so ranks and alternatives are spread out
+        model.get_output_embeddings().weight.mul_(8.0)
+    return wrap(model, tok, 2048)
+
+
+def assert_same_as_reference(result: dict, expected: list[dict]) -> None:
+    scored = [t for t in result["tokens"] if t["prob"] is not None]
+    assert len(scored) == len(expected)
+    for token, want in zip(scored, expected):
+        assert math.log(token["prob"]) == pytest.approx(want["logp"], rel=1e-5, abs=1e-5)
+        assert token["rank"] == want["rank"]
+        assert [a["prob"] for a in token["alternatives"]] == pytest.approx([math.exp(v) for v in want["top_logp"]], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("kind,softcap", [("llama", None), ("gpt2", None), ("gemma3", None), ("gemma3", 3.0)])
+def test_chunked_scoring_equals_full_logits(kind, softcap, monkeypatch):
+    """Windows of 24 tokens, 8 of context, output layer 16 rows at a time: chunks start mid-window
+    and end past it, and no [T, V] tensor of a whole window is ever made (read_all is not called)."""
+    from models import steps
+
+    tok = build_tokenizer()
+    engine = tiny_engine(kind, tok, softcap)
+    monkeypatch.setattr(scoring, "WINDOW", 24)
+    monkeypatch.setattr(scoring, "OVERLAP", 8)
+    monkeypatch.setattr(scoring, "SCORE_CHUNK", 16)
+    text = TEXT * 3
+    expected = reference_score(engine, text, alternatives=4)
+    rows: list[int] = []
+    read_logits = steps.read_logits
+
+    def spy(model, hidden):
+        rows.append(hidden.shape[0])
+        return read_logits(model, hidden)
+
+    scoring._split_head_works(engine)  # checked once per model (the check itself reads a few tokens whole)
+    monkeypatch.setattr(steps, "read_logits", spy)
+    monkeypatch.setattr(steps, "read_all", lambda *a: pytest.fail("read_all: full-vocabulary logits of a whole window"))
+    result = score(engine, text, alternatives=4)
+    assert "".join(t["text"] for t in result["tokens"]) == text
+    assert_same_as_reference(result, expected)
+    assert rows and max(rows) <= 16
+
+
+def test_softcapping_is_applied_like_transformers():
+    tok = build_tokenizer()
+    engine = tiny_engine("gemma3", tok, softcap=3.0)
+    from models.steps import read_hidden, read_logits
+
+    ids = torch.tensor([[1, 5, 9, 30, 31]])
+    with torch.inference_mode():
+        whole = engine.model(input_ids=ids).logits[0]
+        parts = read_logits(engine.model, read_hidden(engine.model, ids)[2:4])
+    assert whole.abs().max() <= 3.0
+    assert torch.allclose(parts, whole[2:4], atol=1e-6)
+
+
+def test_tuned_output_layer_gives_the_same_scores(monkeypatch):
+    """With the output layer replaced by a tuned kernel (int8-screen quantizes rows in groups), the
+    chunks are aligned as one pass over the window would have them: the same numbers as read_all."""
+    from models import kernels
+    from models.steps import read_all
+
+    assert scoring.SCORE_ALIGN == kernels.SCREEN_ROWS and scoring.SCORE_CHUNK % scoring.SCORE_ALIGN == 0
+    way = kernels.KERNELS["int8-screen"] if kernels.KERNELS["int8-screen"].available() else kernels.KERNELS["fp32"]
+    tok = build_tokenizer()
+    engine = tiny_engine("llama", tok)
+    head = engine.model.lm_head
+    prepared = way.prepare(head.weight.detach().float(), None)
+    engine.model.lm_head = kernels.TunedLinear(head, (way.name, prepared), (way.name, prepared), few_rows=4)
+    monkeypatch.setattr(scoring, "WINDOW", 100)
+    monkeypatch.setattr(scoring, "OVERLAP", 40)
+    text = TEXT * 4
+    expected = []
+    ids = tok(text, add_special_tokens=False).input_ids
+    for start in range(0, len(ids), 100):  # the reference through read_all (the tuned layer, all rows at once)
+        end = min(start + 100, len(ids))
+        feed = ([engine.bos_id] if start == 0 else []) + ids[max(0, start - 40) : end]
+        offset = len(feed) - (end - start) - 1
+        logp = torch.log_softmax(read_all(engine.model, torch.tensor([feed]))[offset : offset + end - start], -1)
+        target = logp.gather(1, torch.tensor(ids[start:end])[:, None]).squeeze(1)
+        expected += [float(v) for v in target]
+    got = [math.log(t["prob"]) for t in score(engine, text)["tokens"]]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_text_is_cut_before_it_is_tokenized(engine, monkeypatch):
+    monkeypatch.setattr(scoring, "MAX_TOKENS", 40)
+    seen: list[int] = []
+    tokenizer = engine.tokenizer
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kw):
+            seen.append(len(text))
+            return tokenizer(text, **kw)
+
+    monkeypatch.setattr(engine, "tokenizer", Spy())
+    huge = TEXT * 100_000  # ~8 MB
+    result = score(engine, huge)
+    assert max(seen) <= 40 * scoring.MAX_CHARS_PER_TOKEN
+    assert result["truncated"] and result["token_count"] == 40
+    assert huge[result["text_offset"]:] == "".join(t["text"] for t in result["tokens"])
+
+
+# ---------------------------------------------------------------- at most a few at a time
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_busy_beyond_the_queue(engine, monkeypatch):
+    """One scoring runs (held on the engine's lock), two wait; a fourth is told at once to try again."""
+    for name in (scoring.CONCURRENCY_ENV, scoring.QUEUE_ENV, scoring.WAIT_ENV):
+        monkeypatch.delenv(name, raising=False)
+    limiter = scoring._limiter(engine)
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(score(engine, TEXT))) for _ in range(3)]
+    engine.lock.acquire()
+    try:
+        threads[0].start()
+        _wait_for(lambda: limiter.running == 1)
+        for t in threads[1:]:
+            t.start()
+        _wait_for(lambda: limiter.waiting == 2)
+        started = time.monotonic()
+        assert score(engine, TEXT) == {"error": scoring.BUSY}
+        assert time.monotonic() - started < 1.0
+    finally:
+        engine.lock.release()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 3 and all("perplexity" in r for r in results)
+    assert limiter.running == 0 and limiter.waiting == 0
+    assert "perplexity" in score(engine, TEXT)  # free again
+
+
+def test_a_waiting_scoring_gives_up_after_a_bounded_wait(engine, monkeypatch):
+    monkeypatch.setenv(scoring.WAIT_ENV, "0.3")
+    limiter = scoring._limiter(engine)
+    results: list[dict] = []
+    first = threading.Thread(target=lambda: results.append(score(engine, TEXT)))
+    engine.lock.acquire()
+    try:
+        first.start()
+        _wait_for(lambda: limiter.running == 1)
+        started = time.monotonic()
+        assert score(engine, TEXT) == {"error": scoring.BUSY}
+        assert 0.25 < time.monotonic() - started < 5
+    finally:
+        engine.lock.release()
+    first.join(timeout=60)
+    assert "perplexity" in results[0]
+
+
+def test_configured_concurrency_and_no_queue(engine, monkeypatch):
+    monkeypatch.setenv(scoring.CONCURRENCY_ENV, "2")
+    monkeypatch.setenv(scoring.QUEUE_ENV, "0")
+    limiter = scoring._limiter(engine)
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(score(engine, TEXT))) for _ in range(2)]
+    engine.lock.acquire()
+    try:
+        for t in threads:
+            t.start()
+        _wait_for(lambda: limiter.running == 2)
+        assert score(engine, TEXT) == {"error": scoring.BUSY}
+    finally:
+        engine.lock.release()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2 and all("perplexity" in r for r in results)
+
+
+def test_each_engine_has_its_own_limit(engine, monkeypatch):
+    monkeypatch.setenv(scoring.QUEUE_ENV, "0")
+    other = tiny_llama_engine(build_tokenizer(), seed=2, context_length=2048)
+    results: list[dict] = []
+    first = threading.Thread(target=lambda: results.append(score(engine, TEXT)))
+    engine.lock.acquire()
+    try:
+        first.start()
+        _wait_for(lambda: scoring._limiter(engine).running == 1)
+        assert score(engine, TEXT) == {"error": scoring.BUSY}
+        assert "perplexity" in score(other, TEXT)
+    finally:
+        engine.lock.release()
+    first.join(timeout=60)
+    assert "perplexity" in results[0]
