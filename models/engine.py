@@ -323,8 +323,9 @@ class SuggestionEngine(Backend):
             else:
                 waiting.append(press)
         with self.lock:
-            # Admit presses until this round has prefilled about _ADMIT_TOKENS new prompt
-            # tokens: a burst of writers must not stall the presses already decoding.
+            # Admit presses until this round has prefilled about _ADMIT_TOKENS new prompt tokens,
+            # fewer when a press in flight is near its deadline: a burst of writers must not
+            # stall the presses already decoding.
             prefilled = 0
             allowed = min(_ADMIT_TOKENS, self.admission_room())
             while waiting and (prefilled < allowed or not self.batches):
@@ -342,7 +343,6 @@ class SuggestionEngine(Backend):
                         self.batches.remove(batch)
                     fail(self, batch.presses(), e)
         return waiting
-
 
     def admission_room(self) -> float:
         """Prompt tokens this round may prefill without making a press in flight miss its budget.
@@ -387,9 +387,9 @@ def admit(engine: SuggestionEngine, press: Press) -> None:
         return
     ids = press.ids
     # Never admitted past what its budget allows: were its shortest row not to come in time,
-    # its prefill would only delay everybody else's.
-    new_tokens = len(ids) - engine.prefixes.reusable(ids)
-    if engine.batches and engine.pace.need_s(new_tokens, min(ask.wanted)) > ask.watch.left():
+    # its prefill would only delay everybody else's. (press.new_tokens was estimated when it was
+    # posted; looking the prefix up again here would walk every cached prompt a second time.)
+    if engine.batches and engine.pace.need_s(press.new_tokens, min(ask.wanted)) > ask.watch.left():
         refuse(press)
         return
     result.prompt_tokens = len(ids)

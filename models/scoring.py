@@ -205,7 +205,7 @@ def _after_presses(engine) -> None:
     not fair, so without this a writer's Tab waited behind a whole document's windows
     (bench.load --hostile: the writers' p95 1.83x with three 25k-character scorings running)."""
     deadline = time.monotonic() + PRESS_PRIORITY_S
-    while (getattr(engine, "batches", None) or engine.queue.pending()) and time.monotonic() < deadline:
+    while (engine.batches or engine.queue.pending()) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 

@@ -50,7 +50,8 @@ def _shown(value) -> str:
 
 def parse_lengths(value) -> list[int]:
     """Accept "4, 12, 32", [4, 12, 32] or a single number (at most MAX_LENGTHS of them)."""
-    if isinstance(value, str) and len(value) > 16 * MAX_LENGTHS or isinstance(value, (list, tuple)) and len(value) > MAX_LENGTHS:
+    too_long = len(value) > 16 * MAX_LENGTHS if isinstance(value, str) else isinstance(value, (list, tuple)) and len(value) > MAX_LENGTHS
+    if too_long:
         raise ValueError("too many lengths")
     if isinstance(value, str):
         parts = [p for p in value.replace(";", ",").replace(" ", ",").split(",") if p.strip()]
