@@ -6,6 +6,8 @@
 Each run interleaves the compared ways of answering the same Tab press (same ~200-token
 prompt, model and settings: 3 rows of 4/12/32 tokens), so machine noise hits them alike:
 - engine, cold: the engine with its prefix cache emptied (Tab right after pasting text);
+- engine, plain sampling: the same cold press with the rows' distinct openings off (the
+  engine before issue 12), to show what choosing them costs;
 - engine, repeat: the same Tab again (prefix already cached, as after a pause or Tab again);
 - engine, typed: Tab after typing a few more words onto a cached text (only they are prefilled);
 - engine, pre-computed: the editor's path when the writer paused before Tab (the service
@@ -142,6 +144,7 @@ def main() -> None:
         llm.press(prompt, warm, settings.temperature, settings.top_k, settings.top_p, 0)
     cold, first, per_step, row_tokens = [], [], [], []
     repeat, typed, typed_first, prefetched = [], [], [], []
+    plain_cold, plain_first, plain_tokens = [], [], []
     naive, batched, batched_first, sequential, sequential_first, peer_tokens = [], [], [], [], [], []
 
     def engine_presses(run: int) -> None:
@@ -151,6 +154,17 @@ def main() -> None:
         first.append(result.first_ready_s or result.elapsed_s)
         per_step.append(result.elapsed_s / max(1, result.steps))
         row_tokens.append(list(result.row_tokens))
+        # The same cold press with plain sampling (the rows' openings not chosen: before issue 12),
+        # to see what choosing the distinct openings costs, side by side.
+        engine.prefixes.clear()
+        engine.distinct_openings = False
+        try:
+            plain = engine.suggest(prompt, settings, seed=run)
+        finally:
+            engine.distinct_openings = True
+        plain_cold.append(plain.elapsed_s)
+        plain_first.append(plain.first_ready_s or plain.elapsed_s)
+        plain_tokens.append(sum(plain.row_tokens))
         repeat.append(engine.suggest(prompt, settings, seed=run + 100).elapsed_s)
         typed_on = engine.suggest(prompt + " and then, a little later,", settings, seed=run + 200)
         typed.append(typed_on.elapsed_s)
@@ -203,6 +217,10 @@ def main() -> None:
         "typed_tab_first_suggestion_p50_ms": ms(typed_first),
         "prefetched_tab_p50_ms": round(1000 * statistics.median(prefetched), 2),
         "ms_per_step": round(1000 * statistics.median(per_step), 1),
+        # The engine with plain sampling in the same runs (no distinct openings, as before issue 12).
+        "plain_sampling_p50_ms": ms(plain_cold),
+        "plain_sampling_first_p50_ms": ms(plain_first),
+        "plain_sampling_tokens_per_press": round(statistics.mean(plain_tokens), 1),
         "rss_mb": round(steady_rss),
     }
     if batched:

@@ -19,8 +19,11 @@ Made to be hosted in public (issue 11):
 - Bounds: the text in UTF-8 bytes (``$TABWRITE_MAX_DOC_BYTES``, default 1 MB), the marks
   (10,000 ranges), ids and keys (short ASCII text); saves per document per minute
   (``$TABWRITE_SAVES_PER_DOC_PER_MIN``, default 60) and new documents per minute on the whole
-  server (``$TABWRITE_NEW_DOCS_PER_MIN``, default 60). Anything else gets a clear one-line
-  ``DocumentError``, never a TypeError.
+  server (``$TABWRITE_NEW_DOCS_PER_MIN``, default 60) and per visitor
+  (``$TABWRITE_NEW_DOCS_PER_VISITOR_PER_MIN``, default 10: one visitor cannot use up everybody's);
+  the whole store (``$TABWRITE_MAX_STORE_BYTES``, default 1 GB of database file: new documents,
+  and saves that make one longer, are refused past it; a save that does not grow still works).
+  Anything else gets a clear one-line ``DocumentError``, never a TypeError.
 """
 
 from __future__ import annotations
@@ -41,9 +44,14 @@ DB_ENV = "TABWRITE_DB"
 MAX_DOC_BYTES_ENV = "TABWRITE_MAX_DOC_BYTES"
 SAVES_PER_DOC_ENV = "TABWRITE_SAVES_PER_DOC_PER_MIN"
 NEW_DOCS_ENV = "TABWRITE_NEW_DOCS_PER_MIN"
+NEW_DOCS_PER_VISITOR_ENV = "TABWRITE_NEW_DOCS_PER_VISITOR_PER_MIN"
+MAX_STORE_BYTES_ENV = "TABWRITE_MAX_STORE_BYTES"
 DEFAULT_MAX_DOC_BYTES = 1_000_000  # 1 MB of UTF-8: a long novel; the editor's textarea is the limit well before
 DEFAULT_SAVES_PER_DOC_PER_MIN = 60
 DEFAULT_NEW_DOCS_PER_MIN = 60
+DEFAULT_NEW_DOCS_PER_VISITOR_PER_MIN = 10
+DEFAULT_MAX_STORE_BYTES = 1_000_000_000  # a small Space's disk is 50 GB; a store that fills it takes the app down
+STORE_FULL = "the document store is full; nothing was saved (the operator can raise TABWRITE_MAX_STORE_BYTES)"
 MAX_MARKS = 10_000  # ranges of machine-written text per document
 MAX_IDS = 200  # ids listed in one summaries() call ("my documents")
 SCHEMA_VERSION = 2  # PRAGMA user_version: 0 = the first schema (plaintext keys, no version column)
@@ -51,6 +59,7 @@ WINDOW_S = 60.0  # the rate limits count saves in the last minute
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what secrets.token_urlsafe gives out, ids and keys alike
 TOO_MANY_SAVES = "too many saves; try again in a minute"
 TOO_MANY_NEW = "too many saves of new documents on this server; try again in a minute"
+TOO_MANY_NEW_YOURS = "too many new documents from you; try again in a minute"
 
 
 class DocumentError(Exception):
@@ -183,6 +192,8 @@ class DocumentStore:
         max_doc_bytes: int | None = None,
         saves_per_doc_per_min: int | None = None,
         new_docs_per_min: int | None = None,
+        new_docs_per_visitor_per_min: int | None = None,
+        max_store_bytes: int | None = None,
         clock=time.monotonic,
     ):
         """The limits default to the environment's ($TABWRITE_MAX_DOC_BYTES, ...), then to the defaults above."""
@@ -196,6 +207,12 @@ class DocumentStore:
         self._new = _RateLimit(
             new_docs_per_min if new_docs_per_min is not None else _env_limit(NEW_DOCS_ENV, DEFAULT_NEW_DOCS_PER_MIN), clock
         )
+        self._new_per_visitor = _RateLimit(
+            new_docs_per_visitor_per_min if new_docs_per_visitor_per_min is not None
+            else _env_limit(NEW_DOCS_PER_VISITOR_ENV, DEFAULT_NEW_DOCS_PER_VISITOR_PER_MIN),
+            clock,
+        )
+        self.max_store_bytes = max_store_bytes if max_store_bytes is not None else _env_limit(MAX_STORE_BYTES_ENV, DEFAULT_MAX_STORE_BYTES)
         self._lock = threading.Lock()
         self._make_private_file()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -258,8 +275,15 @@ class DocumentStore:
 
     # -- documents
 
+    def _full(self, adding: int) -> bool:
+        """Whether ``adding`` more bytes would take the database file (with its WAL) past the limit."""
+        if not self.max_store_bytes:
+            return False
+        size = sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal")) if os.path.exists(p))
+        return size + adding > self.max_store_bytes
+
     def save(
-        self, text: str, marks=None, doc_id: str | None = None, owner_key: str | None = None, version=None
+        self, text: str, marks=None, doc_id: str | None = None, owner_key: str | None = None, version=None, visitor: str = ""
     ) -> dict:
         """Save ``text`` (and ``marks``) as a new document, or over ``doc_id`` with its ``owner_key``.
 
@@ -268,6 +292,8 @@ class DocumentStore:
         VersionConflict says so. None: no check (the stored text is overwritten). A wrong key
         or an unknown id saves a new document (a reader of a shared id gets their own copy).
         Returns ``id``, ``owner_key`` (as given, or the new one), ``version`` and ``updated``.
+        ``visitor``: who saves (editor/ui.py: their address), for the new-documents limit per
+        visitor ("": the caller is not a visitor, only the server's limit counts).
         """
         if text is None:
             text = ""
@@ -293,14 +319,20 @@ class DocumentStore:
                 if row is not None and secrets.compare_digest(row[0], key_hash(owner_key)):
                     return self._update(doc_id, owner_key, row[1], version, text, marks_json, now)
             # A new document (or someone else's id: saving makes this writer's own copy).
+            if visitor and not self._new_per_visitor.allows(str(visitor)[:200]):
+                raise DocumentError(TOO_MANY_NEW_YOURS)
             if not self._new.allows(""):
                 raise DocumentError(TOO_MANY_NEW)
+            if self._full(len(encoded) + len(marks_json)):
+                raise DocumentError(STORE_FULL)
             doc_id, owner_key = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
             self._db.execute(
                 "INSERT INTO documents (id, owner_key, text, marks, created, updated, version) VALUES (?, ?, ?, ?, ?, ?, 1)",
                 (doc_id, key_hash(owner_key), text, marks_json, now, now),
             )
             self._new.record("")
+            if visitor:
+                self._new_per_visitor.record(str(visitor)[:200])
             return {"id": doc_id, "owner_key": owner_key, "version": 1, "updated": now}
 
     def _update(self, doc_id: str, owner_key: str, stored: int, version, text: str, marks_json: str, now: float) -> dict:
@@ -308,6 +340,11 @@ class DocumentStore:
             raise VersionConflict(stored, version)
         if not self._per_doc.allows(doc_id):
             raise DocumentError(TOO_MANY_SAVES)
+        grows = len(text.encode("utf-8")) + len(marks_json) - self._db.execute(
+            "SELECT length(CAST(text AS BLOB)) + length(marks) FROM documents WHERE id = ?", (doc_id,)
+        ).fetchone()[0]
+        if grows > 0 and self._full(grows):
+            raise DocumentError(STORE_FULL)
         # The version in the WHERE clause: another process sharing the file cannot slip a save in between.
         done = self._db.execute(
             "UPDATE documents SET text = ?, marks = ?, updated = ?, version = version + 1 WHERE id = ? AND version = ?",

@@ -33,6 +33,7 @@ const state = {
   pauseTimer: null,  // a pause in typing starts a pre-computation
   prefetching: false, // a pre-computation is in flight
   prefetchSeq: 0,    // pre-computation counter; only the newest one clears `prefetching`
+  composing: false,  // an IME (Chinese input) is composing: its text is not the writer's yet
   // documents
   current: readStore(CURRENT_KEY, { id: null, owner_key: null }), // {id, owner_key} being edited
   savedText: null,   // text as last saved or loaded, to know when there is unsaved work
@@ -264,6 +265,15 @@ function tail(text) {
   return text.slice(Math.ceil((text.length - PROMPT_CHARS) / PROMPT_STEP) * PROMPT_STEP);
 }
 
+// The text after the caret, sent with each request so that the engine ranks first the
+// candidates that fit what follows. Only its start matters (the server reads at most 2000
+// characters: editor/service.py MAX_AFTER_CHARS), so cut at the end, never inside a surrogate pair.
+const AFTER_CHARS = 2000;
+function following(text, at) {
+  const after = text.slice(at, at + AFTER_CHARS);
+  return /[\uD800-\uDBFF]$/.test(after) ? after.slice(0, -1) : after;
+}
+
 // Streaming: while the request runs, poll for the rows already finished (the shortest
 // suggestion is usually ready long before the longest) and show them in place.
 function followProgress(seq, prompt, round, base) {
@@ -291,7 +301,7 @@ async function requestSuggestions() {
   followProgress(seq, prompt, state.round, base);
   let answer;
   try {
-    answer = await server.suggest_for_editor({ text: tail(prompt), round: state.round, seq });
+    answer = await server.suggest_for_editor({ text: tail(prompt), after: following(snap.text, snap.end), round: state.round, seq });
   } catch (e) {
     answer = { error: "The server did not answer. Is tabwrite still running?" };
   }
@@ -372,7 +382,7 @@ function acceptChunk() {
 }
 
 area.addEventListener("keydown", (e) => {
-  if (e.isComposing || e.keyCode === 229) return; // an IME (Chinese input) owns the keys
+  if (state.composing || e.isComposing || e.keyCode === 229) return; // an IME (Chinese input) owns the keys
   if ((e.ctrlKey || e.metaKey) && (e.key === "s" || e.key === "S")) {
     e.preventDefault();
     saveDocument();
@@ -418,25 +428,54 @@ area.addEventListener("keydown", (e) => {
 // Pre-computation: when the writer pauses, ask for the suggestions at the caret already,
 // so the Tab that often follows a pause is answered at once. Typing again cancels it.
 const PAUSE_MS = 600;
-function schedulePrefetch() {
+// Typing again (or starting to compose) makes a pending or running pre-computation useless.
+function stopPrefetch() {
   clearTimeout(state.pauseTimer);
+  state.pauseTimer = null;
   if (state.prefetching) {
     state.prefetching = false;
     server.cancel_suggestions({}).catch(() => {});
   }
+}
+// Whether the caret is inside a line: text (not just spaces) follows it before the line ends.
+// A writer there is revising rather than continuing: a pause there seldom ends in Tab, and
+// pre-computing would spend the model's time for nothing. A Tab there still asks as usual.
+function midLine(text, at) {
+  const end = text.indexOf("\n", at);
+  return !!text.slice(at, end < 0 ? text.length : end).trim();
+}
+function schedulePrefetch() {
+  stopPrefetch();
+  if (state.composing) return; // unfinished pinyin is not text to continue
   state.pauseTimer = setTimeout(() => {
-    if (state.open || document.activeElement !== area || area.selectionStart !== area.selectionEnd) return;
-    const prompt = area.value.slice(0, area.selectionStart);
-    if (!prompt.trim()) return;
+    state.pauseTimer = null;
+    if (state.open || state.composing || document.activeElement !== area || area.selectionStart !== area.selectionEnd) return;
+    const text = area.value, caret = area.selectionStart;
+    const prompt = text.slice(0, caret);
+    if (!prompt.trim() || midLine(text, caret)) return;
     const mine = ++state.prefetchSeq;
     state.prefetching = true;
-    server.suggest_for_editor({ text: tail(prompt), round: 0, prefetch: true })
+    // The same `after` as the Tab at this caret will send: the server's pre-computed answer is
+    // kept for exactly that text and what follows it.
+    server.suggest_for_editor({ text: tail(prompt), after: following(text, caret), round: 0, prefetch: true })
       .catch(() => {})
       .finally(() => { if (mine === state.prefetchSeq) state.prefetching = false; });
   }, PAUSE_MS);
 }
 
-area.addEventListener("input", () => {
+// IME composition (pinyin and the like): while the writer picks characters, the text changes
+// with every key but none of it is meant yet, so nothing is pre-computed and Tab belongs to the
+// IME. What the IME commits counts as typing: the pause timer starts at compositionend.
+area.addEventListener("compositionstart", () => {
+  state.composing = true;
+  stopPrefetch();
+});
+area.addEventListener("compositionend", () => {
+  state.composing = false;
+  schedulePrefetch();
+});
+
+area.addEventListener("input", (e) => {
   shiftMarks(state.lastValue, area.value);
   state.lastValue = area.value;
   if (state.pendingMark) {
@@ -447,10 +486,15 @@ area.addEventListener("input", () => {
   keepDraft();
   if (state.accepting) return; // a partial accept keeps the popup open
   if (state.open) closePopup(); // typing dismisses (and cancels) the suggestions
+  if (state.composing || e.isComposing) { stopPrefetch(); return; } // compositionend schedules it
   schedulePrefetch();
 });
 area.addEventListener("mousedown", () => { if (state.open) closePopup(); });
-area.addEventListener("blur", () => { if (state.open) closePopup(); });
+area.addEventListener("blur", () => {
+  // Leaving the text area ends a composition; should a browser not say so, Tab is not lost for good.
+  state.composing = false;
+  if (state.open) closePopup();
+});
 window.addEventListener("resize", () => { if (state.open) placePopup(); });
 area.addEventListener("scroll", () => {
   backdrop.scrollTop = area.scrollTop;

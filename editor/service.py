@@ -33,7 +33,9 @@ from models.settings import Settings, validate
 MAX_SESSIONS = 1000
 SESSIONS_PER_VISITOR = 16  # a visitor opening more sessions pushes out their own oldest, nobody else's
 PRESSES_PER_VISITOR = 2  # presses of one visitor in flight at once (two tabs, or API calls); more are refused at once
+# (and one pre-computation of theirs besides: see suggest_for_session)
 MAX_PROMPT_CHARS = 65536  # text a press reads, from its end (the model sees at most ~2048 tokens of it)
+MAX_AFTER_CHARS = 2000  # text after the caret a press reads, from its start (it ranks candidates by a few words of it)
 BUSY = "Busy: you have {n} suggestion requests running; wait for them or press Esc."
 
 
@@ -58,6 +60,8 @@ class Session:
     last: dict | None = None  # how its last press ended (the progress poll shows it; tests read it)
     in_flight: int = 0  # its presses running now (a session with one is never pushed out)
     prefetching: tuple | None = None  # (key, threading.Event set when done) of the pause's pre-computation
+    # What this text's earlier Tab presses showed, (key, texts): Tab again starts its rows differently.
+    shown: tuple = ((), ())
     precomputed: tuple | None = None  # (key, payload) that pre-computation's answer, for the Tab that follows
 
 
@@ -170,7 +174,7 @@ class SuggestService:
     # -- suggest
 
     def suggest(
-        self, text: str, settings: Settings, model: str | None = None, visitor: str = "", caller_gone=None
+        self, text: str, settings: Settings, model: str | None = None, visitor: str = "", caller_gone=None, after: str = ""
     ) -> tuple[Backend, SuggestResult]:
         """One stateless request (the API): no session; cancelled when the caller goes away.
         Raises as the backend does, and EngineError with the busy line past the visitor's limit."""
@@ -179,12 +183,15 @@ class SuggestService:
         if busy is not None:
             raise EngineError(busy)
         try:
-            return engine, engine.suggest(textcut.tail(text, MAX_PROMPT_CHARS), settings, caller_gone=caller_gone)
+            return engine, engine.suggest(
+                textcut.tail(text, MAX_PROMPT_CHARS), settings, caller_gone=caller_gone, after=str(after or "")[:MAX_AFTER_CHARS]
+            )
         finally:
             self._leave(visitor)
 
     def suggest_for_session(
-        self, session_id: str, text: str, round_: int = 0, prefetch: bool = False, client_gone=None, seq: int = 0
+        self, session_id: str, text: str, round_: int = 0, prefetch: bool = False, client_gone=None, seq: int = 0,
+        after: str = "",
     ) -> dict:
         """The editor's Tab press (or, with ``prefetch``, the work done while the writer pauses).
 
@@ -194,11 +201,13 @@ class SuggestService:
         (asked now and then from this thread) says the browser has disconnected: the press is
         cancelled and the model freed for others. ``seq``: the editor's number for the request,
         which its progress polls carry back (not the text: a poll must not send the document back).
+        ``after``: the text after the caret (candidates that fit it are ranked first).
         """
         started = time.perf_counter()
         session = self.session(session_id)
         settings = session.settings
-        key = (session.model, text, repr(settings))
+        after = str(after or "")[:MAX_AFTER_CHARS]
+        key = (session.model, text, after, repr(settings))
         if prefetch and not settings.prefetch:
             return {"skipped": True}
         if round_ == 0 and not prefetch:
@@ -208,7 +217,10 @@ class SuggestService:
             hit, session.precomputed = session.precomputed, None
             if hit is not None and hit[0] == key:
                 return dict(hit[1], from_cache=True, elapsed_ms=round((time.perf_counter() - started) * 1000))
-        busy = self._enter(visitor_of(session_id))
+        # Pre-computations count apart (one in flight per visitor): one cancelled by typing may
+        # still be winding down when the writer presses Tab elsewhere, and must not make it "busy".
+        counted = visitor_of(session_id) + ("#prefetch" if prefetch else "")
+        busy = self._enter(counted, 1 if prefetch else PRESSES_PER_VISITOR)
         if busy is not None:
             return {"error": busy, "busy": True}
         done = threading.Event()
@@ -217,22 +229,26 @@ class SuggestService:
         session.progress = {"seq": seq, "round": round_, "suggestions": []}
         session.in_flight += 1
         try:
-            return self._run(session_id, session, textcut.tail(text, MAX_PROMPT_CHARS), round_, prefetch, key, started, client_gone, seq)
+            return self._run(
+                session_id, session, textcut.tail(text, MAX_PROMPT_CHARS), round_, prefetch, key, started, client_gone, seq, after
+            )
         finally:
             session.in_flight -= 1
-            self._leave(visitor_of(session_id))
+            self._leave(counted)
             done.set()  # after the result is stored, so a waiting Tab finds it
 
-    def _run(self, session_id, session: Session, text, round_, prefetch, key, started, client_gone=None, seq=0) -> dict:
+    def _run(self, session_id, session: Session, text, round_, prefetch, key, started, client_gone=None, seq=0, after="") -> dict:
         def on_update(found):
             session.progress = {"seq": seq, "round": round_, "suggestions": _plain(found)}
 
+        # Tab again on the same text: the new rows start differently from those already shown.
+        shown = session.shown[1] if round_ > 0 and session.shown[0] == key else ()
         try:
             engine = self.engine(session.model)
             request_id = self.begin(session_id)
             result = engine.suggest(
                 text, session.settings, round_, is_cancelled=lambda: not self.is_current(session_id, request_id),
-                on_update=on_update, caller_gone=client_gone,
+                on_update=on_update, caller_gone=client_gone, after=after, avoid=shown,
             )
         except (ModelNotFound, ModelLoadError, EngineError) as e:
             return {"error": str(e)}
@@ -256,6 +272,8 @@ class SuggestService:
         # How the session's last press ended, for the progress poll (and tests): a press whose
         # browser went away ends cancelled, long before its time budget.
         session.last = {"prefetch": prefetch, "cancelled": result.cancelled, "timed_out": result.timed_out}
+        if not result.cancelled:
+            session.shown = (key, tuple(shown) + tuple(result.texts))
         if prefetch and not result.cancelled and result.suggestions:
             session.precomputed = (key, payload)
         return payload
@@ -269,11 +287,11 @@ class SuggestService:
 
     # -- presses in flight per visitor
 
-    def _enter(self, visitor: str) -> str | None:
-        """Count a press of ``visitor`` in; the busy line instead when they have too many running."""
+    def _enter(self, visitor: str, limit: int = PRESSES_PER_VISITOR) -> str | None:
+        """Count a press of ``visitor`` in; the busy line instead when they have ``limit`` running."""
         with self._lock:
             n = self._presses.get(visitor, 0)
-            if n >= PRESSES_PER_VISITOR:
+            if n >= limit:
                 return BUSY.format(n=n)
             self._presses[visitor] = n + 1
             return None
@@ -288,9 +306,9 @@ class SuggestService:
 
     # -- score
 
-    def score(self, text: str, model: str | None = None, session_id: str | None = None) -> dict:
+    def score(self, text: str, model: str | None = None, session_id: str | None = None, caller_gone=None) -> dict:
         """The perplexity view: under ``model``, or the session's model (whose progress polls then
-        show how far it is). Never raises."""
+        show how far it is). ``caller_gone``: the HTTP client went away (scoring stops). Never raises."""
         on_progress = None
         if session_id is not None:
             session = self.session(session_id)
@@ -301,7 +319,7 @@ class SuggestService:
 
             session.score_progress = 0.0
         try:
-            return self.engine(model or None).score(text or "", on_progress=on_progress)
+            return self.engine(model or None).score(text or "", on_progress=on_progress, caller_gone=caller_gone)
         except (ModelNotFound, ModelLoadError, EngineError) as e:
             return {"error": str(e)}
         except Exception as e:
@@ -311,15 +329,16 @@ class SuggestService:
 # ---------------------------------------------------------------- documents
 
 
-def save(store: DocumentStore, text, marks=None, doc_id=None, owner_key=None, version=None) -> dict:
+def save(store: DocumentStore, text, marks=None, doc_id=None, owner_key=None, version=None, visitor: str = "") -> dict:
     """Save a document (and the ranges of machine-written text): its id, owner key and new version. Never raises.
 
     ``version``: the version the writer's copy is based on (from the last save or load); when
     another tab saved meanwhile, the answer is {"error": line, "conflict": True, "version": the
     stored one} and nothing is written. None overwrites (API callers from before versions).
+    ``visitor``: who saves, for the limit on new documents per visitor.
     """
     try:
-        return store.save("" if text is None else text, marks, doc_id, owner_key, version)
+        return store.save("" if text is None else text, marks, doc_id, owner_key, version, visitor=visitor)
     except DocumentError as e:
         if getattr(e, "stored", None) is not None:  # a VersionConflict: the editor keeps the writer's text and says so
             return {"error": f"Not saved: {e}.", "conflict": True, "version": e.stored}

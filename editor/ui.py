@@ -13,7 +13,7 @@ import gradio as gr
 
 from editor import service as handlers
 from editor.documents import DocumentStore
-from editor.service import SuggestService
+from editor.service import MAX_AFTER_CHARS, SuggestService
 from models.core import EngineError
 from models.registry import EMBEDDED, ModelLoadError, ModelNotFound
 from models.settings import LIMITS, Settings, validate
@@ -127,20 +127,25 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             prefetch=bool(payload.get("prefetch")),
             client_gone=_disconnect_check(request),
             seq=seq,
+            # What follows the caret: only its start is read, and the body is the client's to write.
+            after=str(payload.get("after") or "")[:MAX_AFTER_CHARS],
         )
 
     def suggestion_progress(args, request: gr.Request) -> dict:
         return service.progress(_session_of(request))
 
     def score_for_editor(args, request: gr.Request) -> dict:
-        return service.score(str(_one_dict(args).get("text", "")), session_id=_session_of(request))
+        return service.score(
+            str(_one_dict(args).get("text", "")), session_id=_session_of(request), caller_gone=_disconnect_check(request)
+        )
 
-    def save_document(args) -> dict:
+    def save_document(args, request: gr.Request) -> dict:
         # The editor sends the version its text is based on (null for a new document): a save over
         # another tab's newer one is refused with {"error", "conflict": True}, and the text stays.
         payload = _one_dict(args)
         return handlers.save(
-            store, payload.get("text"), payload.get("marks"), payload.get("id"), payload.get("owner_key"), payload.get("version")
+            store, payload.get("text"), payload.get("marks"), payload.get("id"), payload.get("owner_key"), payload.get("version"),
+            visitor=_visitor_of(request),
         )
 
     def load_document(args) -> dict:
@@ -166,7 +171,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         the last /save or /load returned); if the document was saved since, nothing is written and
         the error says so. Without a version the stored text is overwritten.
         """
-        saved = _or_raise(handlers.save(store, text, marks, doc_id, owner_key, version))
+        saved = _or_raise(handlers.save(store, text, marks, doc_id, owner_key, version, visitor=_visitor_of(request)))
         headers = request.headers if request is not None else {}
         host = headers.get("host", "127.0.0.1:7860")
         scheme = headers.get("x-forwarded-proto", "http")  # https behind a proxy such as Spaces
@@ -176,19 +181,20 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         """A saved document's text, marks and version, by id."""
         return _or_raise(handlers.load(store, doc_id))
 
-    def score(text: str, model: str = "") -> dict:
+    def score(text: str, model: str = "", request: gr.Request = None) -> dict:
         """Perplexity, bits per character and each token's probability, rank and top alternatives."""
-        return _or_raise(service.score(text or "", model or None))
+        return _or_raise(service.score(text or "", model or None, caller_gone=_event_gone(demo, request)))
 
     def cancel_suggestions(args, request: gr.Request) -> bool:
         service.cancel(_session_of(request))
         return True
 
     def apply_settings(
-        model, temperature, top_k, top_p, lengths, max_time, context_tokens, prefetch, request: gr.Request
+        model, temperature, top_k, top_p, lengths, max_time, context_tokens, prefetch, hide_below, request: gr.Request
     ):
         raw = {
             "prefetch": prefetch,
+            "hide_below": hide_below,
             "temperature": temperature,
             "top_k": top_k,
             "top_p": top_p,
@@ -220,16 +226,20 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         lengths: str = ", ".join(map(str, DEFAULTS.lengths)),
         max_time: float = DEFAULTS.max_time,
         model: str = "",
+        after: str = "",
         request: gr.Request = None,
     ) -> list[str]:
-        """Sampled continuations of `text`, shortest first (what Tab shows in the editor)."""
+        """Sampled continuations of `text`, shortest first (what Tab shows in the editor).
+
+        after: text after the caret, if any: candidates that fit it are ranked first.
+        """
         settings, _ = validate(
             {"temperature": temperature, "top_k": top_k, "top_p": top_p, "lengths": lengths, "max_time": max_time}
         )
         try:
             _, result = service.suggest(
                 str(text or ""), settings, model or None, visitor=_visitor_of(request),
-                caller_gone=_event_gone(demo, request),
+                caller_gone=_event_gone(demo, request), after=str(after or "")[:MAX_AFTER_CHARS],
             )
         except (ModelNotFound, ModelLoadError, EngineError) as e:
             raise gr.Error(str(e)) from None
@@ -292,8 +302,13 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
                         label="Pre-compute while I pause",
                         info="Tab after a pause answers at once; uses the CPU while you think.",
                     )
+                    hide_below = gr.Slider(
+                        *LIMITS["hide_below"], value=DEFAULTS.hide_below, step=0.05,
+                        label="Hide suggestions below this confidence",
+                        info="0 shows all; the bar beside each suggestion is its confidence.",
+                    )
                 status = gr.Markdown(elem_id="settings-status")
-        inputs = [model, temperature, top_k, top_p, lengths, max_time, context_tokens, prefetch]
+        inputs = [model, temperature, top_k, top_p, lengths, max_time, context_tokens, prefetch, hide_below]
         for component in inputs:
             # Gradio shows its own progress on `status` while a new model loads.
             component.change(apply_settings, inputs, status, api_visibility="private", show_progress="minimal")

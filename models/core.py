@@ -34,6 +34,7 @@ from models.settings import Settings, targets
 EMPTY_TEXT = "Type a few words first, then press Tab."
 NOTHING_TO_ADD = "The model had nothing to add here; try Tab again or write a little more."
 OUT_OF_MEMORY = "the model ran out of memory; try a shorter context or a smaller model"
+UNSURE = "The model is unsure here (every suggestion below the {threshold:g} confidence you set); write a little more or lower it."
 BUSY = "Busy: the model is serving other writers and could not answer within {budget:g} s; try Tab again in a moment."
 # Markup a model may spell out as text (a server's answer): it ends a suggestion, as the local
 # engine's control tokens do, and is never offered as an alternative in the perplexity view.
@@ -132,6 +133,34 @@ def repeats(rows: list[Row], row: Row, final: str, can_go_on: bool) -> bool:
     return any(q is not row and q.final is not None and q.final.strip() == final.strip() for q in rows)
 
 
+def _squeeze(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def into(suggestion: Suggestion, after: str) -> Suggestion:
+    """``suggestion`` cut where it starts to say what already follows the caret.
+
+    Writing in the middle ("The cat sat on the | of the house."), a row "roof of the house"
+    would put "of the house" twice: it is cut to "roof". Matched from a word (or CJK
+    character) boundary, ignoring case and blanks, on the first 12 characters that follow
+    (at least 4 of them, 2 in Chinese, or all the row has left: "roof of the" is cut too).
+    """
+    head = _squeeze(after)[:12]
+    if not head:
+        return suggestion
+    need = min(2 if textcut.is_cjk(head[0]) else 4, len(head))  # two Chinese characters say as much as a short word
+    text = suggestion.text
+    for at in range(len(text)):
+        boundary = at == 0 or not text[at - 1].isalnum() or textcut.is_cjk(text[at]) or textcut.is_cjk(text[at - 1])
+        if not boundary or text[at].isspace():
+            continue
+        rest = _squeeze(text[at:])
+        same = min(len(rest), len(head))
+        if same >= need and rest[:same] == head[:same]:
+            return Suggestion(text[:at].rstrip(" \t"), suggestion.tokens, suggestion.mean_logprob)
+    return suggestion
+
+
 def collect(rows: list[Row]) -> list[Suggestion]:
     """The finished, non-empty rows as suggestions, shortest first."""
     found = [row.suggestion() for row in rows if row.final is not None and row.final.strip()]
@@ -198,6 +227,8 @@ class Ask:
     on_update: Callable[[list[Suggestion]], None] | None  # the rows done so far, each time one finishes
     watch: Watch
     result: SuggestResult  # filled in by ``produce``
+    after: str = ""  # the text after the caret (writing in the middle), or ""
+    avoid: tuple[str, ...] = ()  # suggestions already shown for this text (Tab again): start differently
 
 
 # ---------------------------------------------------------------- the interface
@@ -232,14 +263,19 @@ class Backend(Protocol):
         seed: int | None = None,
         on_update: Callable[[list[Suggestion]], None] | None = None,
         caller_gone: Callable[[], bool] | None = None,
+        after: str = "",
+        avoid: tuple[str, ...] | list[str] = (),
     ) -> SuggestResult:
         """Sample suggestions for the end of ``text``; blocks until they are ready.
 
         ``round_`` counts Tab presses on the same text (each asks for longer rows);
         ``is_cancelled`` is asked between tokens from any thread, ``caller_gone`` (e.g. whether
         the HTTP client is still connected) from this one, about every 0.2 s: either one
-        cancels the press. ``on_update`` gets the rows done so far (for streaming). Raises
-        EngineError for what the writer is told about, in one line.
+        cancels the press. ``on_update`` gets the rows done so far (for streaming). ``after``:
+        the text after the caret, when writing in the middle: rows that fit it come first, and
+        none runs on into it. ``avoid``: suggestions already shown for this text (Tab again),
+        which new rows do not start like. Raises EngineError for what the writer is told about,
+        in one line.
         """
         watch = Watch(settings.max_time, is_cancelled, caller_gone)
         result = SuggestResult()
@@ -247,7 +283,20 @@ class Backend(Protocol):
         if not text.strip():
             result.message = EMPTY_TEXT
             return result
-        self.produce(Ask(text, settings, targets(settings, round_), seed, on_update, watch, result))
+        after = clean_prompt(after or "")
+
+        def shown(found: list[Suggestion]) -> list[Suggestion]:
+            """What the writer sees of finished rows: cut before the text after the caret, and
+            none the model is less sure of than the writer's threshold (no confidence: shown)."""
+            if after.strip():
+                found = [s for s in (into(s, after) for s in found) if s.text.strip()]
+            return [s for s in found if not math.exp(s.mean_logprob) < settings.hide_below]
+
+        streamed = None if on_update is None else (lambda found: on_update(shown(found)))
+        self.produce(Ask(text, settings, targets(settings, round_), seed, streamed, watch, result, after, tuple(avoid)))
+        found, result.suggestions = result.suggestions, shown(result.suggestions)
+        if found and not result.suggestions and not result.message and settings.hide_below > 0:
+            result.message = UNSURE.format(threshold=settings.hide_below)
         result.elapsed_s = time.perf_counter() - watch.started
         if result.timed_out and not result.message:
             result.message = time_limit_message(settings.max_time)
@@ -260,8 +309,12 @@ class Backend(Protocol):
         or was cancelled (``ask.watch``)."""
         ...
 
-    def score(self, text: str, alternatives: int = 5, on_progress: Callable[[float], None] | None = None) -> dict:
-        """The perplexity view: models/scoring.py's result, or {"error": one line}."""
+    def score(
+        self, text: str, alternatives: int = 5, on_progress: Callable[[float], None] | None = None,
+        caller_gone: Callable[[], bool] | None = None,
+    ) -> dict:
+        """The perplexity view: models/scoring.py's result, or {"error": one line}. ``caller_gone``
+        (asked between windows): the HTTP client went away, stop."""
         ...
 
     def serve(self, stop: threading.Event | None = None) -> None:

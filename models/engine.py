@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import scoring, textcut
+import copy
+
+from models import openings, scoring, textcut
 from models.batching import BatchKV, PrefixStore
 from models.core import (  # noqa: F401  (EngineError, Suggestion, SuggestResult, clean_prompt: imported from here too)
     BUSY,
@@ -49,7 +51,8 @@ from models.core import (  # noqa: F401  (EngineError, Suggestion, SuggestResult
 )
 from models.loading import LoadedModel
 from models.scheduler import Scheduler
-from models.steps import forbid_unlikely_stop, sample
+from models.settings import Settings
+from models.steps import follow_logprobs, forbid_unlikely_stop, sample
 
 # How many prompt tokens are decoded alongside a continuation to turn it into text
 # (SentencePiece drops a leading space when a piece is decoded on its own).
@@ -60,6 +63,8 @@ _ADMIT_TOKENS = 256  # prompt tokens prefilled per worker round, at most (one pr
 # answers cut at the budget reached the writer 0.3-0.5 s after it (bench.load p95 4.49 s of 4).
 _RESERVE_S = 0.25
 _MARGIN = 1.3  # admission expects this much more time than measured: steps slow as others join
+_FOLLOW_TOKENS = 8  # tokens of the text after the caret that candidate openings are ranked by
+_FOLLOW_OPENINGS = 8  # openings read with the text after the caret (one forward of 8 rows)
 
 
 # ---------------------------------------------------------------- tokens <-> text helpers
@@ -91,6 +96,8 @@ class VocabIndex:
         # ~137k of Gemma's tokens start with it; turning that list into a tensor took 35 ms a press.
         self.ids = torch.tensor([i for _, i in entries], dtype=torch.long)
         self.piece_of = {i: p for p, i in entries}
+        # Which tokens go on an unfinished word (models/openings.py): Latin, Chinese.
+        self.extends_latin, self.extends_cjk = openings.extends_masks(pieces)
 
     def starting_with(self, piece: str) -> torch.Tensor:
         """Ids of the tokens whose piece starts with ``piece`` (a LongTensor, sorted by piece)."""
@@ -127,6 +134,12 @@ class Press:
     healed_text: str = ""  # the text of the prompt's last token, taken back (token healing)
     max_steps: int = 0
     rows: list[Row] = field(default_factory=list)
+    # Distinct openings (models/openings.py): "first" (each batch row is one candidate first
+    # token), "choose" (their next step is read, the openings chosen), then "rows".
+    phase: str = "rows"
+    candidates: list[openings.Candidate] = field(default_factory=list)
+    then: list[int] = field(default_factory=list)  # the first tokens of the text after the caret
+    prefix: object = None  # the prompt's cache (batch 1), while the openings are chosen, when ``then``
 
     @property
     def result(self) -> SuggestResult:
@@ -224,6 +237,8 @@ class SuggestionEngine(Backend):
         self.prefixes = PrefixStore(self.model, self.model.config, self.cache_limit)
         self.batches: list[Batch] = []  # touched by the queue's worker only
         self.pace = Pace()
+        # Rows start with the likeliest distinct openings (issue 12); off: plain sampling (bench.quality's baseline).
+        self.distinct_openings = True
         self.queue: Scheduler[Press] = Scheduler(self.name, self.round_, lambda: bool(self.batches))
 
     @property
@@ -238,8 +253,8 @@ class SuggestionEngine(Backend):
         """Be the worker of this engine's queue in the calling thread (Scheduler.serve_here)."""
         self.queue.serve_here(stop)
 
-    def score(self, text: str, alternatives: int = scoring.ALTERNATIVES, on_progress=None) -> dict:
-        return scoring.score_local(self, text, alternatives, on_progress)
+    def score(self, text: str, alternatives: int = scoring.ALTERNATIVES, on_progress=None, caller_gone=None) -> dict:
+        return scoring.score_local(self, text, alternatives, on_progress, caller_gone)
 
     # -- prompt
 
@@ -377,6 +392,28 @@ def refuse(press: Press) -> None:
     press.done.set()
 
 
+def heal(engine: SuggestionEngine, ids: list[int]) -> tuple[list[int], str | None, str]:
+    """Token healing: the prompt's last token taken back when it is an ordinary piece.
+
+    Returns the ids without it, its piece (the first sampled token must start with it; None:
+    nothing taken back) and its text (already in the document, so not part of a row's text).
+    """
+    last = ids[-1]
+    if len(ids) > 1 and last in engine.vocab.piece_of:
+        text = engine.row_text(ids[-_DECODE_CONTEXT - 1 : -1], "", [last])
+        if text:
+            return ids[:-1], engine.vocab.piece_of[last], text
+    return ids, None, ""
+
+
+def healed(engine: SuggestionEngine, logits: torch.Tensor, piece: str) -> torch.Tensor:
+    """``logits`` [1, V] where only tokens starting with the healed ``piece`` may come."""
+    allowed = engine.vocab.starting_with(piece).to(engine.device)
+    masked = torch.full_like(logits, float("-inf"))
+    masked[:, allowed] = logits[:, allowed]
+    return masked
+
+
 def admit(engine: SuggestionEngine, press: Press) -> None:
     """Prefill a press's prompt (reusing a cached prefix) and add its rows to a batch."""
     ask, result = press.ask, press.result
@@ -393,31 +430,22 @@ def admit(engine: SuggestionEngine, press: Press) -> None:
         refuse(press)
         return
     result.prompt_tokens = len(ids)
-    # Token healing: take the last token back when it is an ordinary piece.
-    healed_piece = None
-    last = ids[-1]
-    if len(ids) > 1 and last in engine.vocab.piece_of:
-        healed_piece = engine.vocab.piece_of[last]
-        press.healed_text = engine.row_text(ids[-_DECODE_CONTEXT - 1 : -1], "", [last])
-        if not press.healed_text:
-            healed_piece = None
-    if healed_piece is not None:
-        ids = ids[:-1]
+    ids, healed_piece, press.healed_text = heal(engine, ids)
     press.context = ids[-_DECODE_CONTEXT:]
     started = time.perf_counter()
     cache, logits, result.new_prompt_tokens = engine.prefixes.prefill(ids, engine.device)
     engine.pace.prefilled(result.new_prompt_tokens, time.perf_counter() - started)
     n = len(ask.wanted)
     if healed_piece is not None:  # on the one row of the prompt, before it is copied for each suggestion
-        allowed = engine.vocab.starting_with(healed_piece).to(engine.device)
-        masked = torch.full_like(logits, float("-inf"))
-        masked[:, allowed] = logits[:, allowed]
-        logits = masked
-    logits = logits.expand(n, -1).clone()
+        logits = healed(engine, logits, healed_piece)
     # Every step feeds one token: stay inside the model's positions (GPT-2 has no more).
     press.max_steps = max(1, min(textcut.hard_cap(max(ask.wanted)), engine.loaded.context_length - len(ids)))
     press.rows = [Row(target) for target in ask.wanted]
     result.row_tokens = [0] * n
+    if engine.distinct_openings and n > 1 and press.max_steps > 2:
+        start_openings(engine, press, logits, cache, len(ids))
+    rows = len(press.candidates) or n
+    logits = logits.expand(rows, -1).clone()
     # Join a batch that has room for this prompt and its longest row (padding included).
     for batch in engine.batches:
         steps = max([press.max_steps] + [p.remaining() for p in batch.presses()])
@@ -426,9 +454,67 @@ def admit(engine: SuggestionEngine, press: Press) -> None:
     else:
         batch = Batch(engine.model.config, engine.cache_limit - 1)
         engine.batches.append(batch)
-    batch.kv.add(cache, len(ids), n)
+    batch.kv.add(cache, len(ids), rows)
     batch.logits = logits if batch.logits is None else torch.cat([batch.logits, logits.to(batch.logits.dtype)])
-    batch.owners += [(press, r) for r in range(n)]
+    batch.owners += [(press, r) for r in range(rows)]
+
+
+def start_openings(engine: SuggestionEngine, press: Press, logits: torch.Tensor, cache, length: int) -> None:
+    """Make the press's first batch rows its candidate first tokens (models/openings.py).
+
+    With text after the caret, the prompt's cache is kept until the openings are chosen, to
+    read how well the text after the caret follows each of them.
+    """
+    if int(logits[0].argmax()) in engine.ending_set:
+        return  # the model's first choice is to end here: sampled as before (an empty row may say so)
+    text_of = lambda ids: engine.row_text(press.context, press.healed_text, ids)  # noqa: E731
+    press.candidates = openings.first_candidates(logits[0], text_of, exclude=engine.ending_ids)  # a row never starts by ending
+    if not press.candidates:
+        return
+    press.phase = "first"
+    press.rows = [Row(0) for _ in press.candidates]
+    press.then = following_ids(engine, press.ask.after)
+    if press.then:  # kept for the choose step, which reads how the text after the caret follows each opening
+        press.prefix = copy.deepcopy(cache)
+
+
+@torch.inference_mode()
+def likeliest_openings(engine: SuggestionEngine, text: str, first: int = openings.FIRST, after: str = "") -> list[openings.Opening]:
+    """The openings of a press on ``text`` ranked as a press ranks them, computed directly (one
+    prefill, one step over the candidates): bench/quality.py's ceiling, and the tests' check that
+    the batched path chooses the same. ``first``: candidate first tokens looked at."""
+    ids, _ = engine.prompt_ids(text, Settings().context_tokens)
+    with engine.lock:
+        ids, piece, healed_text = heal(engine, ids)
+        cache, logits, _ = engine.prefixes.prefill(ids, engine.device)
+        if piece is not None:
+            logits = healed(engine, logits, piece)
+        context = ids[-_DECODE_CONTEXT:]
+        text_of = lambda row: engine.row_text(context, healed_text, row)  # noqa: E731
+        candidates = openings.first_candidates(logits[0], text_of, first, exclude=engine.ending_ids)
+        kv = BatchKV(engine.model.config, engine.cache_limit - 1)
+        kv.add(cache, len(ids), len(candidates))
+        following = kv.step(engine.model, torch.tensor([c.ids[0] for c in candidates], device=engine.device))
+        ranked = openings.rank(candidates, following, text_of, engine.vocab.extends_latin, engine.vocab.extends_cjk, ending=engine.ending_ids)
+        then = following_ids(engine, after)
+        if then:
+            scored = [o for o in ranked if o.unit][:_FOLLOW_OPENINGS]
+            follows = follow_logprobs(engine.model, cache, [o.best.ids for o in scored], then).tolist()
+            for opening in ranked:
+                opening.score = 0.0
+            for opening, value in zip(scored, follows):
+                opening.score = opening.prob * math.exp(value - max(follows))
+    return ranked
+
+
+def following_ids(engine: SuggestionEngine, after: str) -> list[int]:
+    """The first few tokens of the text after the caret (its line only), to rank openings by."""
+    line = after.split("\n", 1)[0]
+    if not line.strip():
+        return []
+    words = line.split()
+    head = line[: len(line) - len(line.lstrip())] + " ".join(words[:4]) if not textcut.is_cjk(line.strip()[0]) else line[:6]
+    return engine.tokenizer(head, add_special_tokens=False).input_ids[:_FOLLOW_TOKENS]
 
 
 def advance(engine: SuggestionEngine, batch: Batch) -> None:
@@ -439,34 +525,113 @@ def advance(engine: SuggestionEngine, batch: Batch) -> None:
         engine.pace.stepped(batch.cycle_s)
     batch.last_step_at = now
     presses = batch.presses()
-    tokens = torch.empty(len(batch.owners), dtype=torch.long, device=engine.device)
-    finished_rows: set[int] = set()
+    keep, owners, fed = [], [], []
     for press in presses:
         index = [i for i, (p, _) in enumerate(batch.owners) if p is press]
-        if sample_rows(engine, press, batch, index, tokens, len(presses)):
-            finished_rows.update(index)
-        else:
-            finished_rows.update(i for i in index if press.rows[batch.owners[i][1]].final is not None)
-    keep = [i for i in range(len(batch.owners)) if i not in finished_rows]
+        for i, r, token in sample_rows(engine, press, batch, index, len(presses)):
+            keep.append(i)
+            owners.append((press, r))
+            fed.append(token)
     batch.kv.keep(keep)
-    batch.owners = [batch.owners[i] for i in keep]
+    batch.owners = owners
     if not keep:
         engine.batches.remove(batch)
         return
-    batch.logits = batch.kv.step(engine.model, tokens[keep])
+    batch.logits = batch.kv.step(engine.model, torch.tensor(fed, dtype=torch.long, device=engine.device))
 
 
-def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: list[int], tokens: torch.Tensor, sharing: int) -> bool:
-    """One step of one press: sample its rows (batch rows ``index``) into ``tokens``. True when the press is done."""
+def choose_openings(engine: SuggestionEngine, press: Press, logits: torch.Tensor, numbers: list[int]):
+    """The "choose" step: read each candidate's next step, pick the distinct openings, make
+    the press's rows start with them.
+
+    Returns, for each new row: which of ``numbers`` (candidate rows) it continues, its logits
+    for this step (only tokens that end the word, where its opening must end here), and the
+    token it must take (its opening's second token) or None.
+    """
+    ask = press.ask
+    candidates = [press.candidates[r] for r in numbers]
+    text_of = lambda ids: engine.row_text(press.context, press.healed_text, ids)  # noqa: E731
+    ranked = openings.rank(candidates, logits, text_of, engine.vocab.extends_latin, engine.vocab.extends_cjk, ending=engine.ending_ids)
+    if press.then and ranked:
+        # Writing in the middle: p(opening | before, after) ~ p(opening | before) p(after | before, opening),
+        # read for the likeliest openings, as spelled (one forward over them).
+        scored = [o for o in ranked if o.unit][:_FOLLOW_OPENINGS]
+        follows = follow_logprobs(engine.model, press.prefix, [o.best.ids for o in scored], press.then).tolist()
+        best = max(follows)
+        for opening, value in zip(scored, follows):
+            opening.score = opening.prob * math.exp(value - best)
+        for opening in ranked:
+            if opening not in scored:
+                opening.score = 0.0  # not read: after those that were
+    press.prefix = None
+    avoid = {openings.unit_key(openings.unit_of(text)[0]) for text in ask.avoid}
+    following = openings.unit_of(ask.after.split("\n", 1)[0])[0]
+    if following:  # an opening that says what follows the caret would say it twice
+        avoid.add(openings.unit_key(following))
+    chosen = openings.choose(ranked, len(ask.wanted), avoid)
+    chosen += openings.choose(ranked, len(ask.wanted) - len(chosen))  # too few: repeat the likeliest (the repeat rule parts them)
+    if not chosen:
+        chosen = [None] * len(ask.wanted)
+    plan, rows = [], []
+    for target, opening in zip(ask.wanted, chosen * len(ask.wanted)):
+        first = opening.best.ids[0] if opening is not None else candidates[0].ids[0]
+        k = next(k for k, c in enumerate(candidates) if c.ids[0] == first)
+        source = press.rows[numbers[k]]
+        row = Row(target)
+        row.ids, row.text, row.tokens, row.logprob, row.scored = list(source.ids), source.text, source.tokens, source.logprob, source.scored
+        row_logits, forced = logits[k], None
+        if opening is not None and len(opening.best.ids) > 1:
+            forced = opening.best.ids[1]
+        elif opening is not None and opening.ends_word:
+            mask = engine.vocab.extends_cjk if openings._is_cjk_letter(opening.unit[0]) else engine.vocab.extends_latin
+            row_logits = row_logits.masked_fill(mask.to(row_logits.device), float("-inf"))
+            if not bool(torch.isfinite(row_logits).any()):
+                row_logits = logits[k]
+        plan.append((k, row_logits, forced))
+        rows.append(row)
+    press.rows = rows
+    press.result.row_tokens = [1] * len(rows)
+    press.phase = "rows"
+    return plan
+
+
+def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: list[int], sharing: int) -> list[tuple[int, int, int]]:
+    """One step of one press (batch rows ``index``): sample a token for each of its rows.
+
+    Returns the rows that go on: (batch row, the press's row, the token it feeds). Empty once
+    the press is done. A candidate row of the "choose" step may go on as several rows (two
+    openings that start with the same token) or none.
+    """
     ask, result, settings = press.ask, press.result, press.ask.settings
     result.peak_batch = max(result.peak_batch, sharing)
     numbers = [batch.owners[i][1] for i in index]
     logits = batch.logits[index] if len(index) != len(batch.owners) else batch.logits
+    if press.phase == "first":  # each candidate row takes its own first token
+        fed = []
+        for i, r in zip(index, numbers):
+            candidate, row = press.candidates[r], press.rows[r]
+            row.ids.append(candidate.ids[0])
+            row.add(candidate.text, 1, [candidate.logprob])
+            fed.append((i, r, candidate.ids[0]))
+        press.phase = "choose"
+        result.steps += 1
+        return [] if finish(engine, press, batch) else fed
+    forced: list[int | None] = [None] * len(index)
+    if press.phase == "choose":
+        plan = choose_openings(engine, press, logits, numbers)
+        index = [index[k] for k, _, _ in plan]
+        logits = torch.stack([row_logits for _, row_logits, _ in plan])
+        forced = [f for _, _, f in plan]
+        numbers = list(range(len(plan)))
     silent = [k for k, r in enumerate(numbers) if not press.rows[r].text.strip()]
     if silent:
         logits = forbid_unlikely_stop(logits, silent, engine.stop_ids)
     sampled, logprobs = sample(logits, settings.temperature, settings.top_k, settings.top_p, press.generator)
     chosen, chosen_logp = sampled.tolist(), logprobs.tolist()
+    for k, token in enumerate(forced):
+        if token is not None:
+            chosen[k] = token
+            chosen_logp[k] = float(logits[k].float()[token] - torch.logsumexp(logits[k].float(), dim=-1))
     finished_now = False
     for k, r in enumerate(numbers):
         row = press.rows[r]
@@ -489,13 +654,22 @@ def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: lis
             row.add(text, 1, [chosen_logp[k]])
         row.final = final
         finished_now = finished_now or final is not None
-    tokens[index] = torch.tensor(chosen, dtype=tokens.dtype, device=tokens.device)
     result.steps += 1
     if result.first_ready_s is None and any(row.final is not None for row in press.rows):
         result.first_ready_s = time.perf_counter() - ask.watch.started
     if ask.on_update is not None and finished_now:
         ask.on_update(collect(press.rows))  # for streaming: rows done so far
-    if all(row.final is not None for row in press.rows) or result.steps >= press.max_steps:
+    if finish(engine, press, batch):
+        return []
+    return [(i, r, chosen[k]) for k, (i, r) in enumerate(zip(index, numbers)) if press.rows[r].final is None]
+
+
+def finish(engine: SuggestionEngine, press: Press, batch: Batch) -> bool:
+    """End the press if it is done, out of steps, cancelled or out of time (then True)."""
+    ask, result = press.ask, press.result
+    if press.phase == "rows" and (all(row.final is not None for row in press.rows) or result.steps >= press.max_steps):
+        pass
+    elif press.phase != "rows" and result.steps >= press.max_steps:
         pass
     elif ask.watch.cancelled():
         result.cancelled = True
@@ -505,6 +679,8 @@ def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: lis
         result.timed_out = True
     else:
         return False
+    if press.phase != "rows":  # ended before its openings were chosen: nothing to show
+        press.rows, press.prefix = [], None
     for row in press.rows:
         row.end()  # rows cut short by their cap, time or cancel end on a whole word
     result.suggestions = collect(press.rows)

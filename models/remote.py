@@ -335,8 +335,11 @@ class OpenAICompletionsBackend(Backend):
         while not stop.wait(timeout=0.5):  # in slices, so Ctrl-C reaches the main thread
             pass
 
-    def score(self, text: str, alternatives: int = scoring.ALTERNATIVES, on_progress: Callable[[float], None] | None = None) -> dict:
-        return scoring.score_remote(self, text, alternatives, on_progress)
+    def score(
+        self, text: str, alternatives: int = scoring.ALTERNATIVES, on_progress: Callable[[float], None] | None = None,
+        caller_gone: Callable[[], bool] | None = None,
+    ) -> dict:
+        return scoring.score_remote(self, text, alternatives, on_progress, caller_gone)
 
     def echo_logprobs(self, prompt: str, top: int) -> dict | None:
         """The server's ``logprobs`` of ``prompt`` read back (echo), with the ``top`` likeliest at each token."""

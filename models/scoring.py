@@ -45,6 +45,7 @@ EMPTY = "Nothing to score: the document is empty."
 MAX_CHARS_PER_TOKEN = 12  # only the last MAX_TOKENS * this characters are read (tokenized) at all
 SCORE_CHUNK = 64  # positions whose full-vocabulary logits exist at once (Gemma 3: 64 x 262144 fp32 = 64 MiB)
 SCORE_ALIGN = 16  # chunks start at a multiple of this row (models/kernels.py SCREEN_ROWS; SCORE_CHUNK a multiple)
+GONE = "Not scored: the caller went away."  # nobody reads it; said for logs and tests
 BUSY = "Busy: the perplexity view is scoring other documents; try again in a few seconds."
 CONCURRENCY_ENV = "TABWRITE_SCORE_CONCURRENCY"  # scorings that run at once per model (default 1)
 QUEUE_ENV = "TABWRITE_SCORE_QUEUE"  # scorings that wait for one of those places (default 2); more are BUSY
@@ -75,9 +76,12 @@ def token_spans(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, in
     return spans
 
 
-def score(backend, text: str, alternatives: int = ALTERNATIVES, on_progress: Callable[[float], None] | None = None) -> dict:
+def score(
+    backend, text: str, alternatives: int = ALTERNATIVES, on_progress: Callable[[float], None] | None = None,
+    caller_gone: Callable[[], bool] | None = None,
+) -> dict:
     """The perplexity view's result for ``text`` under ``backend`` (models/core.py's Backend), or {"error": ...}."""
-    return backend.score(text, alternatives=alternatives, on_progress=on_progress)
+    return backend.score(text, alternatives=alternatives, on_progress=on_progress, caller_gone=caller_gone)
 
 
 def score_local(
@@ -85,13 +89,16 @@ def score_local(
     text: str,
     alternatives: int = ALTERNATIVES,
     on_progress: Callable[[float], None] | None = None,
+    caller_gone: Callable[[], bool] | None = None,
 ) -> dict:
     """The perplexity view's result for ``text`` under the engine's model, or {"error": ...}.
 
     Bounded whatever the text: only its last MAX_TOKENS * MAX_CHARS_PER_TOKEN characters are
     read at all; full-vocabulary logits exist for SCORE_CHUNK positions at a time; at most
     $TABWRITE_SCORE_CONCURRENCY scorings run per engine and $TABWRITE_SCORE_QUEUE wait (at
-    most $TABWRITE_SCORE_WAIT_S seconds), the others are answered BUSY at once.
+    most $TABWRITE_SCORE_WAIT_S seconds), the others are answered BUSY at once. ``caller_gone``
+    (the HTTP client went away) is asked before each window and each chunk of the output layer:
+    nobody is left to read the result, so it stops there.
     """
     text = text or ""
     # What MAX_TOKENS tokens could cover, starting at a space (a whole token) where one is near.
@@ -108,12 +115,12 @@ def score_local(
     ):
         return {"error": BUSY}
     try:
-        return _score_local(engine, text, alternatives, on_progress, precut)
+        return _score_local(engine, text, alternatives, on_progress, precut, caller_gone or (lambda: False))
     finally:
         limiter.leave()
 
 
-def _score_local(engine, text: str, alternatives: int, on_progress, precut: int) -> dict:
+def _score_local(engine, text: str, alternatives: int, on_progress, precut: int, caller_gone) -> dict:
     import torch
 
     from models.steps import read_all, read_hidden, read_logits
@@ -147,6 +154,8 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int)
         count = end - start
         offset = len(feed) - count - 1
         targets = torch.tensor(ids[start:end], device=engine.device)
+        if caller_gone():
+            return {"error": GONE}
         _after_presses(engine)
         with engine.lock:  # one forward pass at a time, so Tab presses of other writers go on in between
             states = (read_hidden if split else read_all)(engine.model, torch.tensor([feed], device=engine.device))
@@ -155,6 +164,8 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int)
         for a in range(offset // SCORE_ALIGN * SCORE_ALIGN, offset + count, SCORE_CHUNK):
             b = min(a + SCORE_CHUNK, len(feed))
             if split:
+                if caller_gone():
+                    return {"error": GONE}
                 _after_presses(engine)
                 with engine.lock:
                     logits = read_logits(engine.model, states[a:b])
@@ -317,6 +328,7 @@ def score_remote(
     text: str,
     alternatives: int = ALTERNATIVES,
     on_progress: Callable[[float], None] | None = None,
+    caller_gone: Callable[[], bool] | None = None,
 ) -> dict:
     """The same result from the server's log-probabilities of the echoed text.
 
@@ -326,12 +338,12 @@ def score_remote(
     be more likely.
     """
     try:
-        return _score_remote(backend, clean_prompt(text or ""), alternatives, on_progress)
+        return _score_remote(backend, clean_prompt(text or ""), alternatives, on_progress, caller_gone or (lambda: False))
     except EngineError as e:
         return {"error": f"Not scored: {e}."}
 
 
-def _score_remote(backend, text: str, alternatives: int, on_progress) -> dict:
+def _score_remote(backend, text: str, alternatives: int, on_progress, caller_gone) -> dict:
     if not text.strip():
         return {"error": EMPTY}
     if not backend.features.logprobs:
@@ -348,6 +360,8 @@ def _score_remote(backend, text: str, alternatives: int, on_progress) -> dict:
     starts: list[int] = []
     scored: list[tuple[str, float | None, dict]] = []  # (server's token, log-probability, top log-probabilities)
     for n, (start, end) in enumerate(windows):
+        if caller_gone():
+            return {"error": GONE}
         context = _context_start(text, start)
         prompt = text[context:end]
         lp = backend.echo_logprobs(prompt, asked)

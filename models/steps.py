@@ -8,6 +8,8 @@ Llama to models/decode.py's step, written out).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import DynamicCache
 
@@ -48,6 +50,28 @@ def decode_step(
         logits_to_keep=1,
     )
     return out.logits[:, -1, :]
+
+
+@torch.inference_mode()
+def follow_logprobs(model, cache: DynamicCache, heads: list[list[int]], then: list[int]) -> torch.Tensor:
+    """How likely ``then`` follows each of ``heads`` (a few tokens each) after the prompt in
+    ``cache`` (batch 1, left unchanged): the summed log-probabilities [len(heads)] of ``then``.
+
+    One forward over len(heads) rows on copies of the prompt's cache, shorter rows padded on
+    the right (a causal model's earlier positions never see the padding). Writing in the
+    middle: which opening does the text after the caret follow best?
+    """
+    width = max(len(head) for head in heads) + len(then)
+    rows = [head + list(then) for head in heads]
+    ids = torch.tensor([row + [row[-1]] * (width - len(row)) for row in rows], device=cache.layers[0].keys.device)
+    branch = copy.deepcopy(cache)
+    branch.batch_repeat_interleave(len(heads))
+    logits = model(input_ids=ids, past_key_values=branch, use_cache=True).logits.float()
+    logp = logits[:, :-1, :].log_softmax(dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    totals = []
+    for r, head in enumerate(heads):  # then's tokens are at positions len(head) .. len(head) + len(then) - 1
+        totals.append(logp[r, len(head) - 1 : len(head) - 1 + len(then)].sum())
+    return torch.stack(totals)
 
 
 @torch.inference_mode()

@@ -446,3 +446,111 @@ def test_html_in_the_text_and_in_suggestions_stays_text(page):
     assert page.evaluate("window.__created") == []
     assert page.evaluate(f"document.querySelectorAll('#editor :is({TAGS})').length") == 0
     assert page.evaluate("window.__pwned === undefined")
+
+
+def is_prefetch(request) -> bool:
+    """Whether ``request`` is the page's pre-computation: the suggest_for_editor server function
+    (a POST to Gradio's /component_server, as server_calls records) with ``prefetch`` set."""
+    if request.method != "POST" or not re.search(r"/component_server/?$", request.url):
+        return False
+    body = request.post_data_json or {}
+    return body.get("fn_name") == "suggest_for_editor" and bool((body.get("data") or {}).get("prefetch"))
+
+
+def set_caret(page, position: int) -> None:
+    # setSelectionRange fires no input event: moving the caret alone starts no pause timer.
+    page.evaluate(f"p => document.querySelector('{TEXTAREA}').setSelectionRange(p, p)", position)
+
+
+PAUSE_WAIT_MS = 1500  # well past the editor's pause (PAUSE_MS = 600) before it pre-computes
+
+
+def test_no_precomputation_while_an_ime_composes(page):
+    asked = server_calls(page, "suggest_for_editor")
+    page.evaluate(
+        """sel => {
+            window.__ime = [];
+            const area = document.querySelector(sel);
+            for (const type of ['compositionstart', 'compositionend', 'input'])
+                area.addEventListener(type, e => window.__ime.push([type, !!e.isComposing, area.value]));
+        }""",
+        TEXTAREA,
+    )
+    start = "今天天气很好，我们"
+    # Control: a pause after typing sends a pre-computation, and the observer sees it.
+    with page.expect_request(is_prefetch, timeout=20_000):
+        type_into_editor(page, start)
+    seen = len(asked)
+    # Compose pinyin through Chromium's own IME path (CDP), as an input method does: the page
+    # gets real composition events and input events with isComposing (checked below, so the
+    # test cannot pass on events that never fired).
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Input.imeSetComposition", {"text": "n", "selectionStart": 1, "selectionEnd": 1})
+    cdp.send("Input.imeSetComposition", {"text": "ni", "selectionStart": 2, "selectionEnd": 2})
+    assert page.input_value(TEXTAREA) == start + "ni"
+    page.wait_for_timeout(PAUSE_WAIT_MS)
+    assert asked[seen:] == [], "pre-computed on unfinished pinyin"
+    # Tab meanwhile belongs to the IME. A trusted Tab during a composition already comes with
+    # isComposing; this one is dispatched without it, so only the editor's own composition
+    # state can keep it from opening the popup.
+    prevented = page.evaluate(
+        """sel => {
+            const e = new KeyboardEvent('keydown', {key: 'Tab', bubbles: true, cancelable: true});
+            document.querySelector(sel).dispatchEvent(e);
+            return e.defaultPrevented;
+        }""",
+        TEXTAREA,
+    )
+    assert not prevented and page.is_hidden(POPUP) and asked[seen:] == []
+    # Commit: what the IME puts in counts as typing, and a pause after it pre-computes again.
+    with page.expect_request(is_prefetch, timeout=20_000) as committed:
+        cdp.send("Input.insertText", {"text": "你"})
+    assert page.input_value(TEXTAREA) == start + "你"
+    events = page.evaluate("window.__ime")
+    types = [e[0] for e in events]
+    assert "compositionstart" in types and types[-1] == "compositionend", events
+    composing = events[types.index("compositionstart") + 1 : -1]
+    assert composing and all(kind == "input" and flag for kind, flag, _ in composing), events
+    data = committed.value.post_data_json["data"]
+    assert data["text"] == start + "你" and data["after"] == ""
+    assert [call for call in asked[seen:] if call.get("prefetch")] == [data]
+
+
+def test_no_precomputation_mid_line_but_tab_works_there(page):
+    asked = server_calls(page, "suggest_for_editor")
+    head = "Dear Anna,\nThe soup was"
+    # Over 2000 characters follow the line: what follows the caret is sent cut at its end.
+    text = head + " lovely and warm." + "\n" + "See you soon, and thank you again. " * 70
+    # Control: with the caret at the end of the text, a pause pre-computes.
+    with page.expect_request(is_prefetch, timeout=20_000) as first:
+        type_into_editor(page, text)
+    # Typing inside a line (" lovely and warm." follows the caret): a pause sends nothing.
+    set_caret(page, len(head))
+    seen = len(asked)
+    page.keyboard.insert_text(" really")
+    page.wait_for_timeout(PAUSE_WAIT_MS)
+    assert asked[seen:] == [], "pre-computed with the caret inside a line"
+    # Control: at the end of that line (only spaces, then other lines, follow), a pause
+    # pre-computes, and sends the start of what follows.
+    value = page.input_value(TEXTAREA)
+    end_of_line = value.index("\n", len(head))
+    set_caret(page, end_of_line)
+    with page.expect_request(is_prefetch, timeout=20_000) as pre:
+        page.keyboard.insert_text(" ")
+    value = page.input_value(TEXTAREA)
+    caret = end_of_line + 1
+    data = pre.value.post_data_json["data"]
+    assert data["text"] == value[:caret]
+    assert data["after"] == value[caret : caret + 2000] and len(data["after"]) == 2000
+    # Tab inside the line still asks, with the text after the caret. First both pre-computations
+    # end (the first, cancelled by typing, can still be winding down): a visitor has at most 2
+    # requests running (service.PRESSES_PER_VISITOR), and a Tab as the third is answered "Busy".
+    first.value.response()
+    pre.value.response()
+    caret = len(head + " really")
+    set_caret(page, caret)
+    seen = len(asked)
+    assert tab_and_wait(page, minimum=1)
+    tabs = [call for call in asked[seen:] if not call.get("prefetch")]
+    assert tabs and tabs[0]["text"] == value[:caret] and tabs[0]["after"] == value[caret : caret + 2000], tabs
+    assert page.input_value(TEXTAREA) == value and focused_is_editor(page)

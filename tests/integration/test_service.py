@@ -86,3 +86,44 @@ def test_progress_streams_finished_rows_and_cancel_stops(service):
     assert seen and seen[0] < 3
     assert answer["cancelled"] is True
     assert all(s["text"] == s["text"].rstrip() for s in answer["suggestions"])
+
+
+def _openings(answer: dict) -> list[str]:
+    from models.openings import unit_key, unit_of
+
+    return [unit_key(unit_of(s["text"])[0]) for s in answer["suggestions"]]
+
+
+def test_rows_start_differently_and_tab_again_starts_differently_again(service):
+    text = "When we got to the beach, the children ran straight into the"
+    first = service.suggest_for_session("writer-f", text)
+    assert len(set(_openings(first))) == len(first["suggestions"]) == 3, first
+    again = service.suggest_for_session("writer-f", text, round_=1)
+    assert again["suggestions"] and not set(_openings(again)) & set(_openings(first)), (first, again)
+    # A fresh press on the same text (round 0) may offer the likeliest openings again.
+    assert set(_openings(service.suggest_for_session("writer-f", text))) & set(_openings(first))
+
+
+def test_writing_in_the_middle_never_says_the_text_after_the_caret_twice(service):
+    from models.core import Suggestion, into
+
+    after = " kettle on the stove and waited for the water to boil."
+    for seed_text in ("She filled the", "Before breakfast he put the"):
+        answer = service.suggest_for_session("writer-g", seed_text, after=after)
+        assert answer["suggestions"], answer
+        assert "kettle" not in _openings(answer)
+        for s in answer["suggestions"]:
+            assert into(Suggestion(s["text"], 1, 0.0), after).text == s["text"], s
+
+
+def test_rows_the_model_is_unsure_of_can_be_hidden(service):
+    import math
+
+    text = "My favourite colour has always been"
+    service.update_settings("writer-h", DEFAULT_MODEL, {"hide_below": 0.9})
+    answer = service.suggest_for_session("writer-h", text)
+    assert all(math.exp(s["logprob"]) >= 0.9 - 1e-3 for s in answer["suggestions"]), answer  # (rounded to 3 places)
+    if not answer["suggestions"]:
+        assert "unsure" in answer["message"]
+    service.update_settings("writer-h", DEFAULT_MODEL, {"hide_below": 0})
+    assert len(service.suggest_for_session("writer-h", text)["suggestions"]) == 3

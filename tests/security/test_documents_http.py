@@ -31,6 +31,7 @@ gradio_client = pytest.importorskip("gradio_client")
 STARTUP_TIMEOUT_S = 600
 SAVES_PER_DOC = 5
 NEW_DOCS = 40
+NEW_DOCS_PER_VISITOR = 15
 OLD_ID, OLD_KEY = "oldDocumentId_12345678", "oldOwnerKey_abcdefghijklmnopqrstuvw"
 CONFLICT = re.compile(
     r"^Not saved: this document was changed in another tab or window since you opened it \(version (\d+), yours is (\d+)\);"
@@ -61,6 +62,9 @@ def app(tmp_path_factory):
         with pytest.MonkeyPatch.context() as env:
             env.setenv("TABWRITE_SAVES_PER_DOC_PER_MIN", str(SAVES_PER_DOC))
             env.setenv("TABWRITE_NEW_DOCS_PER_MIN", str(NEW_DOCS))
+            env.setenv("TABWRITE_NEW_DOCS_PER_VISITOR_PER_MIN", str(NEW_DOCS_PER_VISITOR))
+            # Visitors told apart by the address a proxy says it saw, so one test can be several.
+            env.setenv("TABWRITE_TRUST_PROXY", "1")
             env.delenv("TABWRITE_MAX_DOC_BYTES", raising=False)  # the default: 1 MB
             url = stack.enter_context(running_app([], folder, STARTUP_TIMEOUT_S, "app.py", poll_s=1))
         yield url, db
@@ -201,13 +205,27 @@ def test_too_many_saves_of_one_document_are_refused_clearly(client):
     assert client.predict(doc["id"], api_name="/load")["text"] == f"Saved often ({SAVES_PER_DOC - 1})."
 
 
-def test_too_many_new_documents_are_refused_clearly(client):
+def test_too_many_new_documents_are_refused_per_visitor_then_on_the_whole_server(app):
     # Last in this file: it uses up the minute's new documents of this app.
-    refused = None
-    for i in range(NEW_DOCS + 1):
-        try:
-            client.predict(f"New document {i}.", None, api_name="/save")
-        except Exception as e:
-            refused = str(e)
+    def visitor(n: int):
+        return gradio_client.Client(app[0], verbose=False, headers={"X-Forwarded-For": f"203.0.113.{n}"})
+
+    def save_until_refused(client) -> tuple[int, str]:
+        for i in range(NEW_DOCS + 1):
+            try:
+                client.predict(f"New document {i}.", None, api_name="/save")
+            except Exception as e:
+                return i, str(e)
+        return NEW_DOCS + 1, ""
+
+    saved, refused = save_until_refused(visitor(1))
+    assert (saved, refused) == (NEW_DOCS_PER_VISITOR, "Not saved: too many new documents from you; try again in a minute.")
+    # Others still save, until the server's own limit, which holds for everybody together.
+    total = saved
+    for n in range(2, 2 + NEW_DOCS // NEW_DOCS_PER_VISITOR + 1):
+        count, refused = save_until_refused(visitor(n))
+        total += count
+        if refused != "Not saved: too many new documents from you; try again in a minute.":
             break
     assert refused == "Not saved: too many saves of new documents on this server; try again in a minute.", refused
+    assert total <= NEW_DOCS

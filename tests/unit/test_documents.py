@@ -391,3 +391,37 @@ def test_a_refused_save_is_not_counted(tmp_path):
             store.save("stale", doc_id=doc["id"], owner_key=doc["owner_key"], version=0)
     doc = store.save("v2", doc_id=doc["id"], owner_key=doc["owner_key"], version=1)
     assert store.save("v3", doc_id=doc["id"], owner_key=doc["owner_key"], version=2)["version"] == 3
+
+
+def test_new_documents_are_limited_per_visitor_before_the_server(tmp_path):
+    now = [0.0]
+    store = DocumentStore(tmp_path / "v.sqlite3", new_docs_per_min=5, new_docs_per_visitor_per_min=2, clock=lambda: now[0])
+    for _ in range(2):
+        store.save("mine", visitor="1.2.3.4")
+    with pytest.raises(DocumentError, match="from you"):
+        store.save("mine", visitor="1.2.3.4")
+    # Somebody else still saves; the server's limit still holds for everybody together.
+    for n in range(3):
+        store.save("theirs", visitor=f"5.6.7.{n}")
+    with pytest.raises(DocumentError, match="on this server"):
+        store.save("theirs", visitor="9.9.9.9")
+    now[0] += 61  # a minute later, the first visitor saves again
+    store.save("mine", visitor="1.2.3.4")
+
+
+def test_a_full_store_refuses_new_and_longer_documents_and_keeps_what_it_has(tmp_path):
+    store = DocumentStore(tmp_path / "full.sqlite3", max_store_bytes=400_000)
+    saved = store.save("a" * 100_000)
+    kept = store.save("b" * 50_000)
+    filled = 0
+    with pytest.raises(DocumentError, match="store is full"):
+        while True:
+            store.save("c" * 100_000)
+            filled += 1
+    assert filled < 4
+    with pytest.raises(DocumentError, match="store is full"):
+        store.save("b" * 200_000, doc_id=kept["id"], owner_key=kept["owner_key"])
+    # A save that does not make a document longer still works, and nothing was lost.
+    store.save("a" * 90_000, doc_id=saved["id"], owner_key=saved["owner_key"])
+    assert store.load(kept["id"])["text"] == "b" * 50_000
+    assert store.load(saved["id"])["text"] == "a" * 90_000

@@ -8,6 +8,7 @@ Japanese sentences, so that token healing, CJK text and broken UTF-8 all occur.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -56,9 +57,13 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+# The engine's logic on a GPU too, where there is one: TABWRITE_TEST_DEVICE=cuda (CPU by default).
+TEST_DEVICE = torch.device(os.environ.get("TABWRITE_TEST_DEVICE", "cpu"))
+
+
 def wrap(model, tok, context_length=CONTEXT_LENGTH) -> SuggestionEngine:
     loaded = LoadedModel(
-        name="tiny", model=model.eval(), tokenizer=tok, device=torch.device("cpu"),
+        name="tiny", model=model.eval().to(TEST_DEVICE), tokenizer=tok, device=TEST_DEVICE,
         dtype=torch.float32, context_length=context_length,
     )
     return SuggestionEngine(loaded)
@@ -471,7 +476,7 @@ def test_a_press_that_cannot_be_answered_within_its_budget_is_refused_before_any
 
 def _fresh_logits(engine, ids):
     cache = DynamicCache(config=engine.model.config)
-    logits = prefill(engine.model, torch.tensor([ids]), cache)
+    logits = prefill(engine.model, torch.tensor([ids], device=engine.device), cache)
     return logits, cache
 
 
@@ -488,7 +493,7 @@ def _assert_cache_matches_fresh(engine):
     # And one more step from either cache agrees too.
     import copy
 
-    token = torch.tensor([5])
+    token = torch.tensor([5], device=engine.device)
     a = decode_step(engine.model, token, copy.deepcopy(entry.cache))
     b = decode_step(engine.model, token, fresh_cache)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

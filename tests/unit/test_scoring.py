@@ -317,3 +317,19 @@ def test_each_engine_has_its_own_limit(engine, monkeypatch):
         engine.lock.release()
     first.join(timeout=60)
     assert "perplexity" in results[0]
+
+
+def test_scoring_stops_when_the_caller_goes_away(engine, monkeypatch):
+    monkeypatch.setattr(scoring, "WINDOW", 16)
+    monkeypatch.setattr(scoring, "OVERLAP", 4)
+    progress: list[float] = []
+
+    def gone() -> bool:  # the HTTP client disconnects once the first window is done
+        return bool(progress)
+
+    result = score(engine, "the quick brown fox jumps over the lazy dog " * 12, on_progress=progress.append, caller_gone=gone)
+    assert result == {"error": scoring.GONE}
+    assert progress and progress[-1] < 0.5  # stopped after the first window, far from the end
+    # The slot is free again: the next scoring runs to the end.
+    full = score(engine, "the quick brown fox jumps over the lazy dog " * 12, caller_gone=lambda: False)
+    assert "error" not in full and full["tokens"]
