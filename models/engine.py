@@ -25,14 +25,13 @@ when they end and what comes back are models/core.py's.
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
-
-import copy
 
 from models import openings, scoring, textcut
 from models.batching import BatchKV, PrefixStore
@@ -501,15 +500,22 @@ def likeliest_openings(engine: SuggestionEngine, text: str, first: int = opening
         kv.add(cache, len(ids), len(candidates))
         following = kv.step(engine.model, torch.tensor([c.ids[0] for c in candidates], device=engine.device))
         ranked = openings.rank(candidates, following, text_of, engine.vocab.extends_latin, engine.vocab.extends_cjk, ending=engine.ending_ids)
-        then = following_ids(engine, after)
-        if then:
-            scored = [o for o in ranked if o.unit][:_FOLLOW_OPENINGS]
-            follows = follow_logprobs(engine.model, cache, [o.best.ids for o in scored], then).tolist()
-            for opening in ranked:
-                opening.score = 0.0
-            for opening, value in zip(scored, follows):
-                opening.score = opening.prob * math.exp(value - max(follows))
+        rank_by_following(engine, ranked, cache, following_ids(engine, after))
     return ranked
+
+
+def rank_by_following(engine: SuggestionEngine, ranked: list[openings.Opening], cache, then: list[int]) -> None:
+    """Writing in the middle: score ``ranked`` by p(opening | before) p(after | before, opening),
+    the second read for the likeliest openings, as spelled (one forward over them, on copies of
+    the prompt's ``cache``); those not read score 0, after those that were. No ``then``: as ranked."""
+    if not then or not ranked:
+        return
+    scored = [o for o in ranked if o.unit][:_FOLLOW_OPENINGS]
+    follows = follow_logprobs(engine.model, cache, [o.best.ids for o in scored], then).tolist() if scored else []
+    for opening in ranked:
+        opening.score = 0.0
+    for opening, value in zip(scored, follows):
+        opening.score = opening.prob * math.exp(value - max(follows))
 
 
 def following_ids(engine: SuggestionEngine, after: str) -> list[int]:
@@ -557,17 +563,7 @@ def choose_openings(engine: SuggestionEngine, press: Press, logits: torch.Tensor
     candidates = [press.candidates[r] for r in numbers]
     text_of = lambda ids: engine.row_text(press.context, press.healed_text, ids)  # noqa: E731
     ranked = openings.rank(candidates, logits, text_of, engine.vocab.extends_latin, engine.vocab.extends_cjk, ending=engine.ending_ids)
-    if press.then and ranked:
-        # Writing in the middle: p(opening | before, after) ~ p(opening | before) p(after | before, opening),
-        # read for the likeliest openings, as spelled (one forward over them).
-        scored = [o for o in ranked if o.unit][:_FOLLOW_OPENINGS]
-        follows = follow_logprobs(engine.model, press.prefix, [o.best.ids for o in scored], press.then).tolist()
-        best = max(follows)
-        for opening, value in zip(scored, follows):
-            opening.score = opening.prob * math.exp(value - best)
-        for opening in ranked:
-            if opening not in scored:
-                opening.score = 0.0  # not read: after those that were
+    rank_by_following(engine, ranked, press.prefix, press.then)
     press.prefix = None
     avoid = {openings.unit_key(openings.unit_of(text)[0]) for text in ask.avoid}
     following = openings.unit_of(ask.after.split("\n", 1)[0])[0]
@@ -672,9 +668,7 @@ def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: lis
 def finish(engine: SuggestionEngine, press: Press, batch: Batch) -> bool:
     """End the press if it is done, out of steps, cancelled or out of time (then True)."""
     ask, result = press.ask, press.result
-    if press.phase == "rows" and (all(row.final is not None for row in press.rows) or result.steps >= press.max_steps):
-        pass
-    elif press.phase != "rows" and result.steps >= press.max_steps:
+    if result.steps >= press.max_steps or (press.phase == "rows" and all(row.final is not None for row in press.rows)):
         pass
     elif ask.watch.cancelled():
         result.cancelled = True
