@@ -47,7 +47,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
+    parser.add_argument(
+        "--personalize",
+        action=argparse.BooleanOptionalAction,
+        default={"1": True, "0": False}.get(os.environ.get("TABWRITE_PERSONALIZE", "")),
+        help="let writers learn their style here (train an adapter on this CPU: one at a time, bounded). "
+        "Default: on when only this machine can reach the app (--host 127.0.0.1, no --share, not on Spaces)",
+    )
     return parser.parse_args(argv)
+
+
+def personalize_allowed(args: argparse.Namespace) -> bool:
+    """Learning styles takes minutes of CPU: where anyone can reach the app, only if the operator said so."""
+    if args.personalize is not None:
+        return args.personalize
+    return args.host in ("127.0.0.1", "localhost", "::1") and not args.share and not os.environ.get("SPACE_ID")
 
 
 def main(argv=None) -> int:
@@ -71,7 +85,7 @@ def main(argv=None) -> int:
         else:
             model = args.model or DEFAULT_MODEL
             catalog = Catalog.for_app(model, args.models)
-            service = SuggestService(catalog.names[0], catalog=catalog)
+            service = SuggestService(catalog.names[0], catalog=catalog, personalize=personalize_allowed(args))
         engine = service.engine()  # load (and on first start, convert) before serving
     except (ModelNotFound, ModelLoadError, EngineError) as e:
         print(f"tabwrite: {e}", file=sys.stderr)

@@ -56,7 +56,7 @@ MAX_MARKS = 10_000  # ranges of machine-written text per document
 MAX_IDS = 200  # ids listed in one summaries() call ("my documents")
 SCHEMA_VERSION = 2  # PRAGMA user_version: 0 = the first schema (plaintext keys, no version column)
 WINDOW_S = 60.0  # the rate limits count saves in the last minute
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what secrets.token_urlsafe gives out, ids and keys alike
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what secrets.token_urlsafe gives out, ids and keys alike
 TOO_MANY_SAVES = "too many saves; try again in a minute"
 TOO_MANY_NEW = "too many saves of new documents on this server; try again in a minute"
 TOO_MANY_NEW_YOURS = "too many new documents from you; try again in a minute"
@@ -117,7 +117,7 @@ def _token(value, what: str) -> str | None:
     """An id or owner key as given out by this store (None or "" for none), or a clear error."""
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+    if not isinstance(value, str) or not TOKEN.fullmatch(value):
         raise DocumentError(f"{what} is not one this app gives out (up to 64 letters, digits, '-' and '_')")
     return value
 
@@ -377,7 +377,7 @@ class DocumentStore:
         """Title (first line) and time of each known id, newest first; unknown or malformed ids are skipped."""
         if not isinstance(ids, (list, tuple)):
             return []
-        ids = [i for i in ids[:MAX_IDS] if isinstance(i, str) and _TOKEN.fullmatch(i)]
+        ids = [i for i in ids[:MAX_IDS] if isinstance(i, str) and TOKEN.fullmatch(i)]
         if not ids:
             return []
         with self._lock:

@@ -24,7 +24,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from editor import styles
 from editor.documents import DocumentError, DocumentStore
+from editor.styles import Styles
 from models import textcut
 from models.core import Backend, EngineError, SuggestResult
 from models.registry import Catalog, ModelLoadError, ModelNotFound
@@ -66,7 +68,8 @@ class Session:
 
 
 class SuggestService:
-    def __init__(self, default_model: str, backend=None, catalog: Catalog | None = None):
+    def __init__(self, default_model: str, backend=None, catalog: Catalog | None = None, personalize: bool = True,
+                 styles_folder=None):
         self.default_model = default_model
         # A model server (models/remote.py's OpenAICompletionsBackend) that runs the models instead of this process.
         self.backend = backend
@@ -78,6 +81,8 @@ class SuggestService:
         self._presses: dict[str, int] = {}  # presses in flight per visitor
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
+        # Learned styles (editor/styles.py): a model of its own each, named "<base>+<name>@<id>".
+        self.styles = Styles(self.engine, styles_folder, enabled=personalize and backend is None)
 
     # -- models
 
@@ -95,6 +100,8 @@ class SuggestService:
         name = (model or "").strip() or self.default_model
         if self.backend is not None:
             return self.backend.for_model(name)
+        if styles.parse(name) is not None:
+            return self.styles.engine(name)
         spec = self.catalog.spec(name)
         from models import loading  # torch: only where models run in this process
         from models.engine import SuggestionEngine
@@ -324,6 +331,41 @@ class SuggestService:
             return {"error": str(e)}
         except Exception as e:
             return {"error": f"Scoring failed: {type(e).__name__}: {str(e)[:200]}"}
+
+
+    # -- learned styles
+
+    def personalize(self, text, name="mine", model=None, owner_key=None, caller_gone=None, session_id=None) -> dict:
+        """Learn a style of ``model`` (an offered base model; a style's base for a style) from
+        ``text``: the new model's name and the before/after figures, or {"error": line}. Never raises."""
+        base = (model or "").strip() if isinstance(model, str) else ""
+        found = styles.parse(base)
+        base = found["base"] if found else (base or self.default_model)
+        try:
+            self.catalog.spec(base) if self.backend is None else None
+        except ModelNotFound as e:
+            return {"error": str(e)}
+        return self.styles.learn(text, name, base, owner_key, caller_gone=caller_gone, owner=session_id)
+
+    def learning(self, session_id: str) -> str | None:
+        """A line on the style being learned, when ``session_id`` started it."""
+        progress = self.styles.progress
+        return progress.line() if progress is not None and self.styles.owned_by(session_id) else None
+
+    def my_styles(self, owner_key) -> list[dict]:
+        """The styles of ``owner_key`` (none for a key this app did not give out)."""
+        if not isinstance(owner_key, str) or not styles.TOKEN.fullmatch(owner_key):
+            return []
+        return self.styles.store.mine(owner_key)
+
+    def delete_style(self, model, owner_key) -> dict:
+        found = styles.parse(model if isinstance(model, str) else "")
+        if found is None or not isinstance(owner_key, str) or not styles.TOKEN.fullmatch(owner_key):
+            return {"error": "Not deleted: that is not one of your styles."}
+        if not self.styles.store.delete(found["id"], owner_key):
+            return {"error": "Not deleted: that is not one of your styles."}
+        self.styles.forget(found["id"])
+        return {"deleted": model}
 
 
 # ---------------------------------------------------------------- documents

@@ -5,13 +5,16 @@ Layout only; what happens on a Tab press lives in editor/service.py and models/.
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from pathlib import Path
 
 import anyio
 import gradio as gr
 
 from editor import service as handlers
+from editor import styles
 from editor.documents import DocumentStore
 from editor.service import MAX_AFTER_CHARS, SuggestService
 from models.core import EngineError
@@ -20,6 +23,15 @@ from models.settings import LIMITS, Settings, validate
 
 HERE = Path(__file__).parent
 DEFAULTS = Settings()
+# "Learn my style" sends what only the browser has: the editor's text, the ids of the documents
+# saved from this browser (editor.js keeps them in local storage), and this browser's styles' key.
+_GATHER_JS = """(name, pasted, files, useEditor, useDocs, _text, _ids, _key, model) => {
+  const area = document.querySelector('#editor textarea');
+  let docs = [];
+  try { docs = JSON.parse(window.localStorage.getItem('tabwrite:docs') || '[]').map((d) => d && d.id).filter(Boolean); } catch (e) {}
+  return [name, pasted, files, useEditor, useDocs, area ? area.value : '', JSON.stringify(docs),
+          window.localStorage.getItem('tabwrite:style-key') || '', model];
+}"""
 
 
 def _read(name: str) -> str:
@@ -98,6 +110,24 @@ def _event_gone(demo: gr.Blocks, request):
         return False
 
     return gone
+
+
+def _style_report(answer: dict) -> str:
+    """What the page says when a style is learned: the gain on held-out text, and examples side by side."""
+    before, after = answer["bits_per_char_before"], answer["bits_per_char_after"]
+    change = (after / before - 1) * 100 if before else 0.0
+    lines = [
+        f"✅ **{answer['model'].rpartition('@')[0]}** is ready ({answer['seconds']:.0f} s) and selected above.",
+        f"On your last {answer['heldout_chars']:,} characters, which it never saw: **{before:.3f} → {after:.3f} bits per "
+        f"character** ({change:+.1f} %; perplexity per character {answer['perplexity_per_char_before']:.2f} → "
+        f"{answer['perplexity_per_char_after']:.2f}).",
+    ]
+    if answer.get("examples"):
+        lines += ["", "| your text | you wrote | base model | your style |", "|---|---|---|---|"]
+        cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
+        for e in answer["examples"]:
+            lines.append(f"| …{cell(e['text'][-40:])} | {cell(e['actual'])} | {cell(e['base'])} | {cell(e['style'])} |")
+    return "\n".join(lines)
 
 
 def _or_raise(answer: dict) -> dict:
@@ -247,6 +277,94 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             raise gr.Error(result.message)
         return result.texts
 
+    def personalize(text: str, name: str = "mine", model: str = "", owner_key: str = "", request: gr.Request = None) -> dict:
+        """Learn a style from your writing (at least 2,000 characters): a LoRA adapter of `model` (default: the app's model).
+
+        Returns when done (minutes): {model, bits_per_char_before, bits_per_char_after, heldout_chars, seconds,
+        examples, owner_key}. Use the returned `model` in /suggest and /score; keep `owner_key` to list
+        (/styles) or delete (/delete_style) your styles. The last ~10 % of the text is held out for the figures.
+        """
+        return _or_raise(service.personalize(text, name, model, owner_key or None, caller_gone=_event_gone(demo, request)))
+
+    def list_styles(owner_key: str) -> list[dict]:
+        """The styles learned under `owner_key`."""
+        return service.my_styles(owner_key)
+
+    def delete_style(model: str, owner_key: str) -> dict:
+        """Delete one of your styles (its `model` name, with the owner key /personalize returned)."""
+        return _or_raise(service.delete_style(model, owner_key))
+
+    def style_choices(owner_key) -> list[tuple[str, str]]:
+        return [(m["model"].rpartition("@")[0], m["model"]) for m in service.my_styles(owner_key)]
+
+    def restore_styles(owner_key, current):
+        """On page load: this browser's styles (its owner key is in local storage) join the model box."""
+        choices = model_choices + style_choices(owner_key)
+        return gr.update(choices=choices, value=current if current in [v for _, v in choices] else service.default_model)
+
+    def learn_style(name, pasted, files, use_editor, use_documents, editor_text, doc_ids, owner_key, current,
+                    request: gr.Request):
+        """The "Learn my style" button: gather the text, learn (progress every second), offer the new model."""
+        session = _session_of(request)
+        text = _style_text(pasted, files, editor_text if use_editor else "", doc_ids if use_documents else "[]")
+        box: dict = {}
+        job = threading.Thread(
+            target=lambda: box.setdefault("answer", service.personalize(text, name, current, owner_key or None, session_id=session)),
+            name="tabwrite-style", daemon=True,
+        )
+        job.start()
+        try:
+            while job.is_alive():
+                job.join(1.0)
+                line = service.learning(session)
+                if line:
+                    yield f"⏳ {line}", gr.update(), gr.update()
+        finally:
+            if job.is_alive():  # the page went away, or Cancel: the job stops at its next layer
+                service.styles.cancel(session)
+        answer = box.get("answer") or {"error": "Stopped."}
+        if "error" in answer:
+            yield f"⚠️ {answer['error']}", gr.update(), gr.update()
+            return
+        key = answer["owner_key"]
+        yield _style_report(answer), gr.update(choices=model_choices + style_choices(key), value=answer["model"]), key
+
+    def cancel_style(request: gr.Request) -> str:
+        return "Cancelling…" if service.styles.cancel(_session_of(request)) else "Nothing to cancel."
+
+    def delete_selected(current, owner_key):
+        answer = service.delete_style(current, owner_key)
+        if "error" in answer:
+            return f"⚠️ {answer['error']}", gr.update()
+        return f"Deleted **{current.rpartition('@')[0]}**.", gr.update(
+            choices=model_choices + style_choices(owner_key), value=service.default_model)
+
+    def _style_text(pasted, files, editor_text, doc_ids) -> str:
+        """The writer's text for a style: what they pasted, their uploaded .txt/.md files, the
+        editor's text and their saved documents (each once), up to what a style reads."""
+        parts = [str(pasted or "")]
+        for f in (files or [])[:20]:
+            path = getattr(f, "name", f)
+            try:
+                parts.append(Path(str(path)).read_text(encoding="utf-8", errors="replace")[: styles.MAX_CHARS])
+            except OSError:
+                pass
+        parts.append(str(editor_text or ""))
+        try:
+            ids = json.loads(doc_ids or "[]")
+        except ValueError:
+            ids = []
+        for doc_id in (ids if isinstance(ids, list) else [])[:50]:
+            found = handlers.load(store, doc_id)
+            if "text" in found:
+                parts.append(found["text"])
+        seen, kept = set(), []
+        for part in (p.strip() for p in parts):
+            if part and part not in seen:
+                seen.add(part)
+                kept.append(part)
+        return "\n\n".join(kept)[-styles.MAX_CHARS:]
+
     if service.backend is not None:  # the models run on a server (app.py --backend openai)
         model_choices = [(name, name) for name in service.backend.models]
         model_info = f"A model on the server at {service.backend.endpoint}."
@@ -308,15 +426,54 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
                         info="0 shows all; the bar beside each suggestion is its confidence.",
                     )
                 status = gr.Markdown(elem_id="settings-status")
+                style_key = gr.Textbox(visible=False, elem_id="style-key")  # this browser's owner key of its styles
+                if service.styles.enabled:
+                    with gr.Accordion("Learn my style", open=False, elem_id="learn-style"):
+                        gr.Markdown(
+                            "Adapt the model to your writing (at least 2,000 characters; ~20,000 is good). "
+                            "It trains here, on this computer's CPU, in minutes; Tab keeps working meanwhile. "
+                            "The last ~10 % is held out to show what changed."
+                        )
+                        style_name = gr.Textbox(value="mine", label="Name", max_length=32, elem_id="style-name")
+                        pasted = gr.Textbox(lines=4, label="Your writing (paste)", max_length=styles.MAX_CHARS,
+                                            elem_id="style-text")
+                        files = gr.File(file_count="multiple", file_types=[".txt", ".md"], label="…or .txt / .md files")
+                        use_editor = gr.Checkbox(value=True, label="Include the text in the editor")
+                        use_documents = gr.Checkbox(value=True, label="Include my saved documents")
+                        with gr.Row():
+                            learn = gr.Button("Learn my style", variant="primary", elem_id="learn-style-button")
+                            stop = gr.Button("Cancel", elem_id="cancel-style-button")
+                            remove = gr.Button("Delete selected style", elem_id="delete-style-button")
+                        style_status = gr.Markdown(elem_id="style-status")
+                        editor_text, doc_ids = gr.Textbox(visible=False), gr.Textbox(visible=False)
+                        learning = learn.click(
+                            learn_style,
+                            [style_name, pasted, files, use_editor, use_documents, editor_text, doc_ids, style_key, model],
+                            [style_status, model, style_key],
+                            api_visibility="private",
+                            # What only the browser knows: the editor's text, its saved documents, its styles' key.
+                            js=_GATHER_JS,
+                        )
+                        stop.click(cancel_style, None, style_status, api_visibility="private", cancels=[learning])
+                        remove.click(delete_selected, [model, style_key], [style_status, model], api_visibility="private",
+                                     js="(model, key) => [model, window.localStorage.getItem('tabwrite:style-key') || '']")
         inputs = [model, temperature, top_k, top_p, lengths, max_time, context_tokens, prefetch, hide_below]
         for component in inputs:
             # Gradio shows its own progress on `status` while a new model loads.
             component.change(apply_settings, inputs, status, api_visibility="private", show_progress="minimal")
         demo.load(apply_settings, inputs, status, api_visibility="private")
+        if service.styles.enabled:
+            demo.load(restore_styles, [style_key, model], model, api_visibility="private",
+                      js="(key, model) => [window.localStorage.getItem('tabwrite:style-key') || '', model]")
+            style_key.change(None, style_key, None, js="(key) => { if (key) window.localStorage.setItem('tabwrite:style-key', key); }")
         # The engine batches presses that arrive together and keeps each within its time budget,
         # so let many in at once instead of queueing them behind Gradio's default limit.
         gr.api(suggest, api_name="suggest", concurrency_limit=64)
         gr.api(score, api_name="score")
         gr.api(save, api_name="save")
         gr.api(load, api_name="load")
+        if service.styles.enabled:
+            gr.api(personalize, api_name="personalize", concurrency_limit=2)  # a second is answered BUSY at once
+            gr.api(list_styles, api_name="styles")
+            gr.api(delete_style, api_name="delete_style")
     return demo

@@ -17,17 +17,16 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from models.registry import ModelLoadError, ModelNotFound, ModelSource, resolve  # noqa: F401  (ModelLoadError: raised here)
+from models.registry import CACHE_ENV, ModelLoadError, ModelNotFound, ModelSource, cache_root, resolve  # noqa: F401  (re-exported; ModelLoadError: raised here)
 
 log = logging.getLogger("tabwrite")
 
-CACHE_ENV = "TABWRITE_CACHE"
 KEEP_IN_MEMORY = 3  # models kept loaded in this process
 
 
@@ -43,14 +42,8 @@ class LoadedModel:
     context_length: int
     weights: str = ""  # how the matmuls run, e.g. "fp16-fbgemm (decoding) / int8-smooth (prompts)"
     tuning: object = None  # models.tuning.Tuning on a CPU: what was chosen for this machine, and why
-
-
-def cache_root() -> Path:
-    """$TABWRITE_CACHE, else $XDG_CACHE_HOME/tabwrite, else ~/.cache/tabwrite."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tabwrite"
+    folder: str = ""  # where its fp32 weights are (a style is learned from them: models/style.py)
+    absmax: dict = field(default_factory=dict, repr=False)  # Linear's name -> its input range on the probe (tuning)
 
 
 def pick_device() -> torch.device:
@@ -172,9 +165,10 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
             if not (target / "config.json").is_file():
                 _convert_gguf(source.location, target, CONVERTED_DTYPE)
             model, tokenizer = _load_pretrained(str(target), device, dtype)
-            model_key = target.name
+            model_key, folder = target.name, str(target)
         else:
             model, tokenizer = _load_pretrained(source.location, device, dtype)
+            folder = source.location
             model_key = f"{Path(source.location).name}-{hashlib.sha256(source.location.encode()).hexdigest()[:12]}"
     except (ModelNotFound, ModelLoadError):
         raise
@@ -188,15 +182,19 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
     from models.fastnorm import fuse_norms
 
     fuse_norms(model)
-    weights, tuning = str(dtype).split(".")[-1], None
+    weights, tuning, absmax = str(dtype).split(".")[-1], None, {}
     if device.type == "cpu":
         from models.tuning import tune_or_load
 
+        linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}  # kept alive: ids stay theirs
         tuning = tune_or_load(model, tokenizer, cache_root() / "tuning", model_key)
         weights = tuning.describe()
+        # By name, so a model with the same body (a learned style) is made the same way.
+        absmax = {n: tuning.absmax[id(m)] for n, m in linears.items() if id(m) in tuning.absmax}
+        del linears
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024
-    return LoadedModel(source.name, model, tokenizer, device, dtype, int(context), weights, tuning)
+    return LoadedModel(source.name, model, tokenizer, device, dtype, int(context), weights, tuning, folder, absmax)
 
 
 _loaded: OrderedDict[str, LoadedModel] = OrderedDict()

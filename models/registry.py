@@ -16,6 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+CACHE_ENV = "TABWRITE_CACHE"
+
+
+def cache_root() -> Path:
+    """Where converted models, tuning choices and learned styles are kept: $TABWRITE_CACHE, else
+    $XDG_CACHE_HOME/tabwrite, else ~/.cache/tabwrite."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tabwrite"
+
+
 class ModelNotFound(Exception):
     """The spec names no model this machine can load. The message is one line for the user."""
 

@@ -28,6 +28,35 @@ _RESIDENT_POLL_S = 0.5  # how often an idle resident worker looks at its stop ev
 Task = TypeVar("Task")
 
 
+class Foreground:
+    """Which queues have presses to serve now. Work in the background (learning a style,
+    models/style.py) waits while any has: Tab presses keep the CPU."""
+
+    def __init__(self):
+        self._busy: set[int] = set()
+        self._idle = threading.Condition()
+
+    def mark(self, queue: object, busy: bool) -> None:
+        with self._idle:
+            if busy:
+                self._busy.add(id(queue))
+            else:
+                self._busy.discard(id(queue))
+                if not self._busy:
+                    self._idle.notify_all()
+
+    def busy(self) -> bool:
+        return bool(self._busy)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no queue has presses (at most ``timeout`` s); whether none has."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._busy, timeout)
+
+
+FOREGROUND = Foreground()
+
+
 @dataclass(eq=False)
 class Cancel(Generic[Task]):
     """A task that calls off ``task``, posted earlier."""
@@ -59,6 +88,7 @@ class Scheduler(Generic[Task]):
         with self._wakeup:
             self._waiting.append(task)
             self.posted += 1
+            FOREGROUND.mark(self, True)
             if self._worker is None and not self._resident:
                 self._start_worker()
             self._wakeup.notify()
@@ -121,6 +151,7 @@ class Scheduler(Generic[Task]):
         while True:
             with self._wakeup:
                 while not self._waiting and not self._busy():
+                    FOREGROUND.mark(self, False)
                     if self._leaving(stop):
                         return
                     woken = self._wakeup.wait(timeout=_RESIDENT_POLL_S if stop is not None else WORKER_IDLE_S)

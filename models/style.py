@@ -1,0 +1,280 @@
+"""Learning a writer's style on a CPU: a LoRA adapter (peft) trained on their own text.
+
+The steps, as plain functions:
+
+- ``split``: the writer's text, less its last ~10 % (held out: the before/after figures are
+  measured there, on text the adapter never saw);
+- ``trainable``: the model in fp32 from its converted folder (memory-mapped: the weights are
+  file pages, not copies) with LoRA matrices on every Linear of the body;
+- ``train``: windows of the text, one epoch, AdamW on the LoRA matrices only. The loss reads
+  the full vocabulary's logits ``chunk`` positions at a time, so a window never holds its
+  whole 256 x 262144 logits (256 MiB, and as much again for their gradient);
+- ``merged``: the trained matrices folded into the body's weights (W + s·B·A), and those
+  weights made into the formats this machine's tuning chose for the base model
+  (models/tuning.py); the embedding and output layer, which LoRA does not touch (62 % of
+  Gemma 3 270M's weights), are the base model's own objects, shared, not copied. The result
+  is a model of its own, with its own engine, queue and prefix caches (so a cached prompt
+  of the base model is never read by the adapted one).
+
+Tab presses keep priority: before every layer, forwards and backwards, the training waits
+while any model's queue has presses to serve (models/scheduler.py FOREGROUND), and stops
+there when cancelled or past its time. On 2 cores a layer of a 256-token window is ~50 ms
+of work, so a press waits at most about that long for the training to step aside.
+
+Measured (bench/personalize.py, README): which settings and what gain.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.scheduler import FOREGROUND
+
+
+@dataclass(frozen=True)
+class StyleConfig:
+    rank: int = 16
+    alpha: int = 32  # LoRA's scale is alpha / rank
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lr: float = 5e-4  # held-out bits/char after one epoch, English: -3.1 % (5e-4), -1.7 % (1e-3), -1.5 % (2e-3)
+    window: int = 256  # tokens a training step reads
+    epochs: int = 1
+    holdout: float = 0.1  # the last part of the text kept out of training, for the before/after figures
+    chunk: int = 64  # positions whose full-vocabulary logits exist at once (Gemma 3: 64 MiB, and its gradient)
+    seed: int = 0
+    # Training's own time (waits for Tab presses aside), at most: after two steps the run is
+    # planned to fit, so 20,000 characters of Chinese (~17,000 tokens here, ~3 s a window of
+    # 256 on 2 cores) still end within the app's five minutes.
+    train_seconds: float = 200.0
+
+
+class Cancelled(Exception):
+    """The job was called off, or ran past its time (the message says which)."""
+
+
+@dataclass
+class Progress:
+    """How far a job is, for the page and the terminal. Replaced whole, never changed in place."""
+
+    stage: str = "starting"
+    done: int = 0  # training steps done
+    total: int = 0
+    loss: float = float("nan")
+    eta_s: float | None = None
+    paused_s: float = 0.0  # time the training stood aside for Tab presses
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        if self.stage != "training" or not self.total:
+            return self.stage
+        eta = f", about {self.eta_s:.0f} s left" if self.eta_s is not None else ""
+        return f"training: step {self.done}/{self.total} (loss {self.loss:.2f}){eta}"
+
+
+# ---------------------------------------------------------------- the text
+
+
+def split(text: str, holdout: float) -> tuple[str, str]:
+    """(train, held out): the last ``holdout`` of the text, cut where a paragraph or sentence
+    ends near that point (so neither part starts mid-word)."""
+    target = int(len(text) * (1 - holdout))
+    if holdout <= 0 or target <= 0:
+        return text, ""
+    window = text[max(0, target - 400): target + 400]
+    ends = [m.end() for m in re.finditer(r"\n+|[.!?。！？…」”\"]\s*", window)]
+    if ends:
+        best = min(ends, key=lambda e: abs(max(0, target - 400) + e - target))
+        target = max(0, target - 400) + best
+    return text[:target], text[target:]
+
+
+def windows(tokenizer, text: str, size: int) -> list[list[int]]:
+    """The text's tokens in windows of ``size`` (each read after the model's BOS, as a document starts)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) >= 8]
+
+
+# ---------------------------------------------------------------- the model being trained
+
+
+def trainable(folder: str, config: StyleConfig) -> nn.Module:
+    """The model in fp32 from ``folder`` (its weights memory-mapped), LoRA on the body's Linears."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.train()
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets), lora_dropout=0.0, bias="none")
+    return get_peft_model(model, lora)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The causal LM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _yield_hooks(model: nn.Module, pause: Callable[[], None]) -> list:
+    """Call ``pause`` before every decoder layer, forwards and backwards."""
+    handles = []
+
+    def before(module, args):
+        pause()
+
+    def after(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: (pause(), grad)[1])
+
+    for layer in _inner(model).model.layers:
+        handles.append(layer.register_forward_pre_hook(before))
+        handles.append(layer.register_forward_hook(after))
+    return handles
+
+
+def window_loss(model: nn.Module, bos: int | None, window: list[int], chunk: int, pause: Callable[[], None]) -> float:
+    """Forward and backward of one window; returns its mean loss (nats per token).
+
+    The body runs once; its last hidden states are cut off the graph, and the output layer's
+    logits, loss and gradient are made ``chunk`` positions at a time, each chunk's gradient
+    added into the hidden states' before the body's backward.
+    """
+    inner = _inner(model)
+    ids = torch.tensor([([bos] if bos is not None else []) + window])
+    hidden = inner.model(input_ids=ids).last_hidden_state[0, :-1]
+    targets = ids[0, 1:]
+    cut = hidden.detach().requires_grad_(True)
+    head = inner.get_output_embeddings()
+    total = 0.0
+    for start in range(0, targets.shape[0], chunk):
+        pause()
+        logits = head(cut[start:start + chunk]).float()
+        loss = F.cross_entropy(logits, targets[start:start + chunk], reduction="sum") / targets.shape[0]
+        loss.backward()
+        total += loss.item()
+    hidden.backward(cut.grad)
+    return total
+
+
+def train(
+    model: nn.Module, tokenizer, text: str, config: StyleConfig,
+    report: Callable[[Progress], None] = lambda p: None, should_stop: Callable[[], str | None] = lambda: None,
+) -> list[float]:
+    """Train the LoRA matrices on ``text`` (``config.epochs`` passes over its windows, shuffled).
+
+    ``should_stop()`` returns why to stop (cancelled, out of time) or None; it is asked before
+    every layer, with the wait for Tab presses. Returns the loss of each step.
+    """
+    torch.manual_seed(config.seed)
+    parts = windows(tokenizer, text, config.window)
+    if not parts:
+        raise ValueError("the text is too short to learn from")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    total = config.epochs * len(parts)
+    progress = Progress("training", 0, total)
+    report(progress)
+    waited = 0.0
+
+    def pause() -> None:
+        nonlocal waited
+        if FOREGROUND.busy():
+            began = time.monotonic()
+            while not FOREGROUND.wait_idle(0.1):
+                if should_stop():
+                    break
+            waited += time.monotonic() - began
+        why = should_stop()
+        if why:
+            raise Cancelled(why)
+
+    hooks = _yield_hooks(model, pause)
+    losses: list[float] = []
+    bos = tokenizer.bos_token_id
+    started = time.monotonic()
+    try:
+        step = 0
+        while step < total:
+            if step % len(parts) == 0:
+                order = torch.randperm(len(parts)).tolist()
+            warm = min(1.0, (step + 1) / 5)  # a short warm-up, then cosine to zero over the run
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
+            losses.append(window_loss(model, bos, parts[order[step % len(parts)]], config.chunk, pause))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            working = time.monotonic() - started - waited
+            if step == 2:  # plan the run to fit the time it may take, by what two steps took
+                total = min(total, max(2, int(config.train_seconds / (working / 2))))
+            eta = working / step * (total - step)
+            report(Progress("training", step, total, losses[-1], eta, waited, progress.started))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return losses
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained LoRA matrices, by the module they belong to, as saved on disk."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+# ---------------------------------------------------------------- the adapted model
+
+
+def deltas(state: dict[str, torch.Tensor], config: StyleConfig) -> dict[str, torch.Tensor]:
+    """Each adapted Linear's weight change, scale · B · A, by module name ("model.layers.0.self_attn.q_proj")."""
+    scale = config.alpha / config.rank
+    out = {}
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        name = key.split(".lora_A.")[0]
+        name = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+        out[name] = scale * (b.float() @ a.float())
+    return out
+
+
+def merged(base, folder: str, state: dict[str, torch.Tensor], config: StyleConfig, name: str):
+    """A LoadedModel for the base model with the adapter folded in (see the module's docstring).
+
+    ``base``: the base model's LoadedModel (its tokenizer, embedding, output layer and tuning
+    are used); ``folder``: its fp32 weights; ``state``: the LoRA matrices.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from models import tuning
+    from models.fastnorm import fuse_norms
+    from models.loading import LoadedModel
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    change = deltas(state, config)
+    for module_name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module_name in change:
+            # A new tensor: the loaded weight is a view of the mapped file and stays untouched.
+            module.weight = nn.Parameter(module.weight.detach() + change[module_name], requires_grad=False)
+    # The embedding and the output layer are unchanged: the base model's own, not a copy.
+    model.model.embed_tokens = base.model.model.embed_tokens
+    model.lm_head = base.model.lm_head
+    model.to(base.device).eval()
+    fuse_norms(model)
+    weights = base.weights
+    if base.tuning is not None:
+        layers = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+        absmax = {id(m): base.absmax[n] for n, m in layers.items() if n in base.absmax}
+        groups = tuning.linear_groups(model)
+        tuning.apply(groups, {g.key: base.tuning.choice[g.key] for g in groups}, absmax)
+        del layers, groups
+    return LoadedModel(name, model, base.tokenizer, base.device, base.dtype, base.context_length, weights, base.tuning,
+                       folder=folder, absmax=base.absmax)

@@ -1,0 +1,51 @@
+""""Learn my style" in a real browser, on the real embedded model (a short text: a few training steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.browser.test_editor import TEXTAREA, tab_and_wait, type_into_editor
+
+TEXT = (Path(__file__).resolve().parents[2] / "bench" / "data" / "style_en.txt").read_text(encoding="utf-8")[:2600]
+LEARN_TIMEOUT = 600_000  # ms: ~30 s here, more on a busy CI machine
+
+
+def test_learn_my_style_from_the_editor_text_then_use_it_and_delete_it(page):
+    # The writer's text is in the editor; nothing pasted, no files.
+    type_into_editor(page, TEXT)
+    page.click("#learn-style button, #learn-style .label-wrap")  # open the accordion
+    page.fill("#style-name input, #style-name textarea", "doyle")
+    page.click("#learn-style-button")
+    # Progress shows while it learns, then the figures and examples; the model box selects it.
+    page.wait_for_selector("#style-status :text('⏳')", timeout=LEARN_TIMEOUT)
+    page.wait_for_selector("#style-status :text('is ready')", timeout=LEARN_TIMEOUT)
+    report = page.inner_text("#style-status")
+    assert "bits per" in report and "→" in report and "your style" in report
+    page.wait_for_function(
+        "() => document.querySelector('#model input').value.startsWith('gemma-3-270m+doyle')", timeout=180_000
+    )
+    page.wait_for_selector("#settings-status :text('gemma-3-270m+doyle')", timeout=120_000)
+    key = page.evaluate("window.localStorage.getItem('tabwrite:style-key')")
+    assert key and len(key) >= 16
+    # Tab now suggests from the style, and the text is untouched.
+    page.click(TEXTAREA)
+    page.keyboard.press("End")
+    page.keyboard.press("Control+End")
+    type_into_editor(page, "\n\nI had seen little of Holmes lately. My")
+    options = tab_and_wait(page)
+    assert len(options) >= 3
+    assert "gemma-3-270m+doyle" in page.inner_text("#editor .tw-status")
+    assert page.input_value(TEXTAREA).startswith(TEXT[:200])
+    # A reload finds the style again (this browser keeps its key), then it is deleted.
+    page.reload()
+    page.wait_for_selector("#settings-status :text('ready')", timeout=120_000)
+    page.click("#learn-style button, #learn-style .label-wrap")
+    page.click("#model input")
+    assert page.locator("[role=option]:has-text('gemma-3-270m+doyle')").count() >= 1
+    page.locator("[role=option]:has-text('gemma-3-270m+doyle')").first.click()
+    page.wait_for_selector("#settings-status :text('gemma-3-270m+doyle')", timeout=120_000)
+    page.click("#delete-style-button")
+    page.wait_for_selector("#style-status :text('Deleted')", timeout=180_000)
+    page.wait_for_function(
+        "() => !document.querySelector('#model input').value.includes('+doyle')", timeout=180_000
+    )

@@ -1,0 +1,163 @@
+"""Learning a style (models/style.py, editor/styles.py) on a tiny random-weight Llama.
+
+The real model is exercised in tests/integration/test_styles.py; here the training loop,
+cancelling, yielding to Tab presses, the adapter on disk and the adapted model's own caches.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import transformers
+
+from editor.styles import BAD_NAME, BUSY, OFF, Styles, StyleStore, parse
+from models import style
+from models.engine import SuggestionEngine
+from models.loading import LoadedModel
+from models.scheduler import FOREGROUND
+from models.settings import Settings
+from tests.unit.test_engine_logic import CORPUS, build_tokenizer
+
+CONFIG = style.StyleConfig(rank=8, alpha=16, lr=3e-2, window=32, epochs=1, chunk=16)
+TEXT = " ".join(CORPUS[:4] * 8)  # English, repetitive: a tiny model can learn it fast
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def folder(tok, tmp_path_factory):
+    """A tiny Llama saved as a transformers folder, as the app keeps a converted model."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        # Weights of 0.02 cap a random model's logits near uniform (|h| 8 x |row| 0.16) whatever its
+        # body does; the output layer is frozen in training, so the adapter could lower nothing.
+        initializer_range=0.3,
+    )
+    where = tmp_path_factory.mktemp("tiny")
+    transformers.LlamaForCausalLM(config).save_pretrained(where)
+    tok.save_pretrained(where)
+    return str(where)
+
+
+def base_engine(tok, folder) -> SuggestionEngine:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return SuggestionEngine(LoadedModel("tiny", model, tok, torch.device("cpu"), torch.float32, 512, folder=folder))
+
+
+def test_split_holds_out_the_end_at_a_sentence():
+    text = "First sentence here. " * 50 + "The end is held out."
+    train, held = style.split(text, 0.1)
+    assert train + held == text
+    assert 0.05 < len(held) / len(text) < 0.2
+    assert held[0] != " " and train.endswith(" ")  # cut after a sentence's end, not inside a word
+
+
+def test_training_lowers_the_loss(tok, folder):
+    config = style.StyleConfig(**{**vars(CONFIG), "epochs": 6})
+    model = style.trainable(folder, config)
+    losses = style.train(model, tok, "the quick brown fox jumps " * 40, config)  # a text a tiny model can learn
+    per_epoch = len(losses) // 6
+    assert sum(losses[-per_epoch:]) / per_epoch < 0.7 * sum(losses[:per_epoch]) / per_epoch
+    # Only the LoRA matrices were trained.
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+
+
+def test_cancel_stops_between_layers(tok, folder):
+    model = style.trainable(folder, CONFIG)
+    steps = []
+    with pytest.raises(style.Cancelled, match="Cancelled"):
+        style.train(model, tok, TEXT, CONFIG, report=lambda p: steps.append(p.done),
+                    should_stop=lambda: "Cancelled." if len(steps) >= 2 else None)
+    assert steps[-1] == 1  # the second step's report never came: stopped inside it
+
+
+def test_training_waits_while_presses_are_served(tok, folder):
+    model = style.trainable(folder, CONFIG)
+    steps, queue = [], object()
+    FOREGROUND.mark(queue, True)  # a queue with presses to serve
+    job = threading.Thread(target=style.train, args=(model, tok, TEXT, CONFIG, lambda p: steps.append(p)))
+    try:
+        job.start()
+        time.sleep(1.0)
+        assert [p.done for p in steps] == [0]  # started, and not one step while presses are served
+    finally:
+        FOREGROUND.mark(queue, False)
+    job.join(timeout=60)
+    assert not job.is_alive() and steps[-1].done == steps[-1].total > 0
+    assert steps[-1].paused_s >= 0.5
+
+
+def test_adapter_round_trips_through_disk_and_merges_exactly(tok, folder, tmp_path):
+    model = style.trainable(folder, CONFIG)
+    style.train(model, tok, TEXT, CONFIG)
+    state = style.lora_state(model)
+    store = StyleStore(tmp_path)
+    meta = store.save("k" * 32, "tiny", "mine", state, {"rank": CONFIG.rank}, {"bits_per_char_after": 1.0})
+    assert parse(meta["model"]) == {"base": "tiny", "name": "mine", "id": meta["id"]}
+    again = store.state(meta["id"])
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    # The merged model gives the adapter's logits (W + s·B·A), from the state read back.
+    base = base_engine(tok, folder)
+    adapted = style.merged(base.loaded, folder, again, CONFIG, meta["model"])
+    ids = torch.tensor([tok(TEXT[:200]).input_ids])
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+        got = adapted.model(input_ids=ids).logits
+        plain = base.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-2)  # it did learn something
+    # Embedding and output layer are the base model's own objects, not copies.
+    assert adapted.model.model.embed_tokens is base.model.model.embed_tokens
+    assert adapted.model.lm_head is base.model.lm_head
+    # Listing and deleting need the owner key.
+    assert [m["model"] for m in store.mine("k" * 32)] == [meta["model"]] and store.mine("x" * 32) == []
+    assert not store.delete(meta["id"], "x" * 32) and store.delete(meta["id"], "k" * 32)
+    assert store.meta(meta["id"]) is None
+
+
+def test_learn_end_to_end_and_prefix_caches_apart(tok, folder, tmp_path):
+    base = base_engine(tok, folder)
+    styles = Styles(lambda name: base, tmp_path, config=CONFIG)
+    text = "\n".join(CORPUS[:4] * 12)
+    answer = styles.learn(text, "mine", "tiny")
+    assert "error" not in answer, answer
+    assert answer["model"].startswith("tiny+mine@") and answer["heldout_chars"] > 0
+    assert answer["bits_per_char_after"] != answer["bits_per_char_before"]
+    assert len(answer["examples"]) >= 1 and {"text", "actual", "base", "style"} <= set(answer["examples"][0])
+    adapted = styles.engine(answer["model"])
+    assert adapted is styles.engine(answer["model"])  # kept loaded: switching back is instant
+    # Each model its own prefix caches: the base model's cached prompt is never read by the style.
+    settings = Settings(lengths=[4])
+    base.suggest(TEXT[:300], settings, seed=0)
+    ids = base.prompt_ids(TEXT[:300], settings.context_tokens)[0]
+    cached = base.prefixes.reusable(ids)
+    assert cached > len(ids) // 2 and adapted.prefixes is not base.prefixes
+    assert adapted.prefixes.reusable(ids) <= 1  # the BOS token at most: the style never read this text
+    # Its owner key lists it; another's does not, and cannot delete it.
+    assert [m["model"] for m in styles.store.mine(answer["owner_key"])] == [answer["model"]]
+    assert styles.store.mine("someone-else-entirely-000") == []
+
+
+def test_learn_refuses_with_one_line(tok, folder, tmp_path):
+    base = base_engine(tok, folder)
+    styles = Styles(lambda name: base, tmp_path)
+    assert styles.learn("too short", "mine", "tiny")["error"].startswith("Too little text")
+    assert styles.learn("word " * 1000, "../etc", "tiny") == {"error": BAD_NAME}
+    assert "owner key" in styles.learn("word " * 1000, "mine", "tiny", owner_key="not a key!")["error"]
+    assert Styles(lambda name: base, tmp_path, enabled=False).learn("word " * 1000, "mine", "tiny") == {"error": OFF}
+    styles._job.acquire()  # another job is running
+    try:
+        assert styles.learn("word " * 1000, "mine", "tiny") == {"error": BUSY}
+    finally:
+        styles._job.release()
+    with pytest.raises(Exception, match="not a style this app has"):
+        styles.engine("tiny+mine@AAAAAAAAAAAAAAAA")
