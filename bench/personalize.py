@@ -70,6 +70,21 @@ def held_cuts(language: str, before: str, held: str, n: int, seed: int = 0) -> l
     return out
 
 
+def bits_in_context(engine, before: str, held: str, context_chars: int = 2000) -> float:
+    """Bits per character of ``held`` read after the last ``context_chars`` of the text before it,
+    as the writer's document gives it in the editor (the job's own figure reads ``held`` alone)."""
+    from models.scoring import score_local
+    from models.core import clean_prompt
+
+    full = clean_prompt(before[-context_chars:] + held)
+    boundary = len(full) - len(clean_prompt(held))
+    answer = score_local(engine, full, alternatives=0)
+    if "error" in answer:
+        raise SystemExit(f"scoring failed: {answer['error']}")
+    nats = [-math.log(t["prob"]) for t in answer["tokens"] if t["prob"] and t["start"] >= boundary]
+    return sum(nats) / math.log(2) / (len(full) - boundary)
+
+
 def hit_rates(engine, cuts: list[Cut], seeds: list[int], log) -> list[float]:
     """For each (seed, cut): 1 when a row of the press starts as the writer went on."""
     from models.settings import Settings
@@ -140,6 +155,7 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
     peak = peak_rss_mb()
     adapted = service.engine(answer["model"])
 
+    in_context = {who: bits_in_context(e, train, held) for who, e in (("base", base), ("adapted", adapted))}
     cuts = held_cuts(language, train, held, n_cuts)
     log(f"{language}: hit@3 on {len(cuts)} held-out cuts x {len(seeds)} seeds, base then adapted")
     base_hits = hit_rates(base, cuts, seeds, log)
@@ -154,6 +170,10 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
         "bits_per_char_base": answer["bits_per_char_before"],
         "bits_per_char_adapted": answer["bits_per_char_after"],
         "bits_per_char_change_pct": round((answer["bits_per_char_after"] / answer["bits_per_char_before"] - 1) * 100, 2),
+        # The same held-out text read after the 2,000 characters before it, as in the editor.
+        "bits_per_char_in_context_base": round(in_context["base"], 4),
+        "bits_per_char_in_context_adapted": round(in_context["adapted"], 4),
+        "bits_per_char_in_context_change_pct": round((in_context["adapted"] / in_context["base"] - 1) * 100, 2),
         "hit3_base": round(statistics.mean(base_hits), 3),
         "hit3_adapted": round(statistics.mean(style_hits), 3),
         "hit3_gain": round(statistics.mean(gains), 3),

@@ -86,7 +86,7 @@ def reference_score(engine, text: str, alternatives: int = scoring.ALTERNATIVES)
     for start in range(0 if bos else 1, len(ids), scoring.WINDOW):
         end = min(start + scoring.WINDOW, len(ids))
         context_start = max(0, start - scoring.OVERLAP)
-        feed = (bos if context_start == 0 else []) + ids[context_start:end]
+        feed = bos + ids[context_start:end]  # every window starts with BOS, as a document does
         with torch.inference_mode():
             logits = engine.model(input_ids=torch.tensor([feed])).logits[0].float()
             offset = len(feed) - (end - start) - 1
@@ -199,7 +199,7 @@ def test_tuned_output_layer_gives_the_same_scores(monkeypatch):
     ids = tok(text, add_special_tokens=False).input_ids
     for start in range(0, len(ids), 100):  # the reference through read_all (the tuned layer, all rows at once)
         end = min(start + 100, len(ids))
-        feed = ([engine.bos_id] if start == 0 else []) + ids[max(0, start - 40) : end]
+        feed = [engine.bos_id] + ids[max(0, start - 40) : end]  # BOS first in every window
         offset = len(feed) - (end - start) - 1
         logp = torch.log_softmax(read_all(engine.model, torch.tensor([feed]))[offset : offset + end - start], -1)
         target = logp.gather(1, torch.tensor(ids[start:end])[:, None]).squeeze(1)
