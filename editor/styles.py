@@ -15,6 +15,7 @@ by others learns styles only when its operator says so (app.py --personalize).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -309,9 +310,11 @@ class Styles:
         state = style.lora_state(model)
         del model
         gc.collect()  # the training's mapping of the weights file goes with it
+        give_back_memory()
         say(style.Progress("making the adapted model"))
         config_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
         adapted = style.merged(base.loaded, base.loaded.folder, state, config, "pending")
+        give_back_memory()
         engine = SuggestionEngine(adapted)
         say(style.Progress("measuring the adapted model on your held-out text"))
         after = bits(engine)
@@ -356,6 +359,16 @@ class Styles:
                 rows[who] = result.texts[0] if result.texts else ""
             out.append({"text": cut, "actual": sentence[len(cut):][:80], **rows})
         return out
+
+
+def give_back_memory() -> None:
+    """Return freed memory to the system. glibc keeps what large temporary tensors freed: after
+    making an adapted model the process held 2301 MB of anonymous memory, 1490 MB after
+    malloc_trim (Gemma 3 270M, the adapted model itself ~375 MB)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _log(line: str) -> None:

@@ -54,6 +54,11 @@ class StyleConfig:
     # planned to fit, so 20,000 characters of Chinese (~17,000 tokens here, ~3 s a window of
     # 256 on 2 cores) still end within the app's five minutes.
     train_seconds: float = 200.0
+    # ... and its time on the clock, waits included, at most: a writer pressing Tab all along
+    # (bench/personalize.py: a press every 0.3 s) leaves the training a quarter of the CPU,
+    # and a run planned by its own time alone then ran past the job's 600 s and was lost.
+    # The plan is redone after every step, so the training ends with fewer steps instead.
+    wall_seconds: float = 400.0
 
 
 class Cancelled(Exception):
@@ -106,7 +111,13 @@ def windows(tokenizer, text: str, size: int) -> list[list[int]]:
 
 
 def trainable(folder: str, config: StyleConfig) -> nn.Module:
-    """The model in fp32 from ``folder`` (its weights memory-mapped), LoRA on the body's Linears."""
+    """The model in fp32 from ``folder`` (its weights memory-mapped), LoRA on the body's Linears.
+
+    Its weights are pages of the converted model's file, shared with the page cache and with
+    the serving model's fp32 embedding (a view of the same file), not copies: RSS counts them
+    (~1.1 GB once the output layer has been read), but they are clean pages the system can
+    drop and read again.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -157,6 +168,8 @@ def window_loss(model: nn.Module, bos: int | None, window: list[int], chunk: int
         pause()
         logits = head(cut[start:start + chunk]).float()
         loss = F.cross_entropy(logits, targets[start:start + chunk], reduction="sum") / targets.shape[0]
+        del logits
+        pause()  # a chunk's forward and its backward each read the whole output layer (~0.1 s)
         loss.backward()
         total += loss.item()
     hidden.backward(cut.grad)
@@ -211,10 +224,13 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            working = time.monotonic() - started - waited
+            elapsed = time.monotonic() - started
+            working = elapsed - waited
             if step == 2:  # plan the run to fit the time it may take, by what two steps took
                 total = min(total, max(2, int(config.train_seconds / (working / 2))))
-            eta = working / step * (total - step)
+            if step >= 2:  # and to end on the clock in time, at the pace it has had so far
+                total = min(total, max(2, step + int(max(0.0, config.wall_seconds - elapsed) / (elapsed / step))))
+            eta = elapsed / step * (total - step)
             report(Progress("training", step, total, losses[-1], eta, waited, progress.started))
     finally:
         for handle in hooks:

@@ -71,6 +71,17 @@ def test_training_lowers_the_loss(tok, folder):
     assert trained and all("lora_" in n for n in trained)
 
 
+def test_training_ends_on_the_clock_with_fewer_steps_rather_than_running_over(tok, folder):
+    # Waits for Tab presses count on the clock: the plan shrinks to what fits, never past it.
+    config = style.StyleConfig(**{**vars(CONFIG), "epochs": 3})
+    full = style.train(style.trainable(folder, config), tok, TEXT, config)
+    assert len(full) == 3 * len(style.windows(tok, TEXT, config.window)) > 2
+    out_of_time = style.StyleConfig(**{**vars(config), "wall_seconds": 0.0})
+    progress = []
+    cut = style.train(style.trainable(folder, out_of_time), tok, TEXT, out_of_time, report=progress.append)
+    assert len(cut) == 2 and progress[-1].done == progress[-1].total == 2
+
+
 def test_cancel_stops_between_layers(tok, folder):
     model = style.trainable(folder, CONFIG)
     steps = []
