@@ -38,7 +38,7 @@ import torch
 
 from bench import fidelity
 from bench.peers import load_llama_cpp_batched
-from bench.stats import percentile
+from bench.stats import memory_mb, percentile
 from editor.service import SuggestService
 from models.registry import DEFAULT_MODEL
 from models.settings import Settings
@@ -48,11 +48,7 @@ FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return memory_mb("VmRSS")["VmRSS"]
 
 
 def cpu_description() -> dict:

@@ -38,16 +38,13 @@ from pathlib import Path
 
 from bench.cuts import DATA, Cut, _chinese_points, _english_points
 from bench.quality import hit
+from bench.stats import memory_mb, percentile
 
 LANGUAGES = ("en", "zh")
 
 
 def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return memory_mb("VmHWM")["VmHWM"]
 
 
 class MemoryPeaks:
@@ -62,13 +59,8 @@ class MemoryPeaks:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            values = {}
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(("RssAnon:", "RssFile:")):
-                        values[line.split(":")[0]] = int(line.split()[1]) / 1024
-            self.anon = max(self.anon, values.get("RssAnon", 0.0))
-            self.file = max(self.file, values.get("RssFile", 0.0))
+            now = memory_mb("RssAnon", "RssFile")
+            self.anon, self.file = max(self.anon, now["RssAnon"]), max(self.file, now["RssFile"])
 
     def stop(self) -> "MemoryPeaks":
         self._stop.set()
@@ -140,10 +132,8 @@ def presses(engine, text: str, until, gap_s: float = 0.3) -> list[float]:
 
 
 def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(math.ceil(q * len(values))) - 1)], 1)
+    found = percentile(values, q)
+    return None if found is None else round(found, 1)
 
 
 def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_presses: int, log) -> dict:

@@ -341,10 +341,11 @@ class SuggestService:
         base = (model or "").strip() if isinstance(model, str) else ""
         found = styles.parse(base)
         base = found["base"] if found else (base or self.default_model)
-        try:
-            self.catalog.spec(base) if self.backend is None else None
-        except ModelNotFound as e:
-            return {"error": str(e)}
+        if self.backend is None:
+            try:
+                self.catalog.spec(base)  # an offered model, or the one-line refusal
+            except ModelNotFound as e:
+                return {"error": str(e)}
         return self.styles.learn(text, name, base, owner_key, caller_gone=caller_gone, owner=session_id)
 
     def learning(self, session_id: str) -> str | None:

@@ -171,14 +171,14 @@ class Styles:
     def engine(self, model: str):
         """The engine of the style ``model`` ("<base>+<name>@<id>"), loaded on first use."""
         found = parse(model)
+        with self._engines_lock:  # every press on a style comes here: no disk read for a loaded one
+            engine = self._engines.get(found["id"]) if found else None
+            if engine is not None and engine.name == model:
+                self._engines.move_to_end(found["id"])
+                return engine
         meta = self.store.meta(found["id"]) if found else None
         if meta is None or meta["model"] != model:
             raise ModelNotFound(UNKNOWN.format(model="".join(c for c in str(model)[:60] if c.isprintable())))
-        with self._engines_lock:
-            engine = self._engines.get(meta["id"])
-            if engine is not None:
-                self._engines.move_to_end(meta["id"])
-                return engine
         with self._load_lock:
             with self._engines_lock:
                 if meta["id"] in self._engines:

@@ -345,8 +345,9 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         parts = [str(pasted or "")]
         for f in (files or [])[:20]:
             path = getattr(f, "name", f)
-            try:
-                parts.append(Path(str(path)).read_text(encoding="utf-8", errors="replace")[: styles.MAX_CHARS])
+            try:  # a file's first MAX_CHARS characters, never more read
+                with open(str(path), encoding="utf-8", errors="replace") as f:
+                    parts.append(f.read(styles.MAX_CHARS))
             except OSError:
                 pass
         parts.append(str(editor_text or ""))
