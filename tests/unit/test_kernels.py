@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,8 @@ import torch
 import transformers
 
 from models.kernels import KERNELS, Kernel, TunedLinear, release_pages
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # How far each format may be from fp32 on random data (relative error of the output).
 TOLERANCE = {"fp32": 1e-6, "fp32-onednn": 1e-5, "fp16-fbgemm": 1e-3, "bf16": 1e-2, "bf16-onednn": 1e-2,
@@ -135,3 +141,30 @@ def test_release_pages_drops_a_mapped_weight_from_memory_and_keeps_its_values(tm
     assert release_pages(weight)
     assert resident - _rss_file_kb() > 32 * 1024  # most of the 64 MB left the resident set
     assert float(weight.sum()) == total  # and read back from the file, unchanged
+
+
+LEVELS_SCRIPT = """
+import json, torch
+from models.kernels import _int_mm_levels
+levels = _int_mm_levels()
+g = torch.Generator().manual_seed(1)
+x = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=g)
+w = torch.randint(-levels, levels + 1, (256, 512), dtype=torch.int8, generator=g)
+w[:, ::2] = levels  # pairs of large products, the case 16-bit sums saturate on
+exact = x.to(torch.int32) @ w.to(torch.int32).t()
+print(json.dumps({"levels": levels, "exact": bool(torch.equal(torch._int_mm(x, w.t()), exact))}))
+"""
+
+
+@pytest.mark.parametrize("cap", ["native", "avx2", "avx512-no-vnni"])
+def test_int8_prompts_multiply_exactly_on_every_cpu_kind(cap):
+    # Without VNNI, oneDNN sums int8 pairs in 16 bits, which saturate at full range (19 % off on
+    # random int8 under an AVX2 cap): int8-smooth's weights are made as wide as this CPU
+    # multiplies exactly, by asking it.
+    caps = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+            "avx512-no-vnni": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}}
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **caps[cap])
+    out = subprocess.run([sys.executable, "-c", LEVELS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["exact"] and result["levels"] in (63, 127), result

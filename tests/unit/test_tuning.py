@@ -214,3 +214,46 @@ def test_under_an_emulated_avx2_cpu_every_way_falls_back_cleanly():
     assert result["refused"]["bf16-onednn"], "oneDNN bf16 must be refused under an AVX2 cap"
     assert "bf16-onednn" not in {c[r] for c in result["choice"].values() for r in ("few", "many")}
     assert result["error"] < 0.05
+
+
+def test_a_way_too_loose_in_one_shape_is_left_out_of_that_shape_only(fakes, monkeypatch):
+    # Off only where the keys and values (32x64 here) are read as a prompt, exact elsewhere: with
+    # the whole-model limits strict, the probe check must drop it from that one shape and use
+    # only, not from the model (as int8 prompts' keys and values under an AVX2 cap).
+    monkeypatch.setattr(tuning, "PROBE_TOLERANCE_PCT", 1e-6)
+    monkeypatch.setattr(tuning, "PROBE_TV", 1e-9)
+    monkeypatch.setattr(tuning, "SHAPE_TRIALS", 100)  # every one-shape change, whatever their order
+
+    def off_in_kv_prompts(x, w):
+        y = F.linear(x, w)
+        return 1.002 * y if w.shape == (32, 64) and x.shape[0] > tuning.FEW_ROWS else y
+
+    names = fakes(fake("off-kv", off_in_kv_prompts, precision=3), fake("slow-exact", _slow))
+    model, tok = tiny_model()
+    said: list[str] = []
+    t = tuning.tune(model, tok, kernels=names, say=said.append)
+    assert t.choice["32x64"] == {"few": "off-kv", "many": "slow-exact"}, json.dumps(t.choice)
+    assert all(c == {"few": "off-kv", "many": "off-kv"} for k, c in t.choice.items() if k != "32x64"), json.dumps(t.choice)
+    assert any("not using off-kv for 32x64 (prompts)" in s for s in said), said
+    assert t.probe["worst_change_pct"] <= 1e-6
+
+
+def test_one_shape_changes_come_cheapest_first_and_within_the_weights_budget(monkeypatch):
+    model, _ = tiny_model()
+    groups = tuning.linear_groups(model)
+    measured = {
+        g.key: [tuning.Measured("fp32", few_ms=2.0, many_ms=1.2 * len(g.layers), batch_ms=2.0 if g.single else None),
+                tuning.Measured("int8-smooth", many_ms=1.0, batch_ms=None),
+                tuning.Measured("fp16-fbgemm", few_ms=1.0, many_ms=1.5 * len(g.layers), batch_ms=1.0 if g.single else None)]
+        for g in groups
+    }
+    choice = {g.key: {"few": "fp16-fbgemm", "many": "fp16-fbgemm" if g.single else "int8-smooth"} for g in groups}
+    swaps = tuning.shape_swaps(groups, measured, choice)
+    costs = [c for c, _, _ in swaps]
+    assert costs == sorted(costs) and len(swaps) == 2 * len(groups) - 1  # each group's few and many; the output's once
+    for cost, trial, what in swaps:
+        changed = [(k, r) for k in choice for r in ("few", "many") if trial[k][r] != choice[k][r]]
+        assert changed and len({k for k, _ in changed}) == 1 and what.split(" for ")[1].startswith(changed[0][0])
+    # Prompts in fp32 beside fp16 decoding hold more than int8 prompts do: no room for that.
+    monkeypatch.setattr(tuning, "WEIGHTS_BUDGET_MB", tuning.weight_mb(groups, choice))
+    assert all("(prompts)" not in what for _, _, what in tuning.shape_swaps(groups, measured, choice))
