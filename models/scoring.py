@@ -32,6 +32,7 @@ import weakref
 from typing import TYPE_CHECKING, Callable
 
 from models.core import MARKUP, EngineError, clean_prompt
+from models.scheduler import FOREGROUND
 
 if TYPE_CHECKING:
     from models.engine import SuggestionEngine
@@ -161,8 +162,11 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int,
         if caller_gone():
             return {"error": GONE}
         _after_presses(engine)
-        with engine.lock:  # one forward pass at a time, so Tab presses of other writers go on in between
-            states = (read_hidden if split else read_all)(engine.model, torch.tensor([feed], device=engine.device))
+        try:
+            with engine.lock, _stepping_aside(engine, caller_gone):  # one forward pass at a time
+                states = (read_hidden if split else read_all)(engine.model, torch.tensor([feed], device=engine.device))
+        except _Gone:
+            return {"error": GONE}
         # Chunks of rows aligned as one pass over the window would have them (an output layer
         # may quantize SCORE_ALIGN rows together): their logits are the ones read_all gives.
         for a in range(offset // SCORE_ALIGN * SCORE_ALIGN, offset + count, SCORE_CHUNK):
@@ -171,8 +175,17 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int,
                 if caller_gone():
                     return {"error": GONE}
                 _after_presses(engine)
-                with engine.lock:
-                    logits = read_logits(engine.model, states[a:b])
+                try:
+                    with engine.lock, _stepping_aside(engine, caller_gone):
+                        parts = []
+                        for r in range(a, b, SCORE_ALIGN):
+                            if r > a:
+                                _step_aside()
+                            parts.append(read_logits(engine.model, states[r : min(r + SCORE_ALIGN, b)]))
+                        logits = torch.cat(parts)
+                        del parts
+                except _Gone:
+                    return {"error": GONE}
             else:
                 logits = states[a:b]
             lo, hi = max(a, offset), min(b, offset + count)  # the rows of this chunk that predict targets
@@ -215,13 +228,63 @@ PRESS_PRIORITY_S = 2.0  # the longest a scoring step waits for Tab presses to fi
 
 
 def _after_presses(engine) -> None:
-    """Let Tab presses go first: wait (at most PRESS_PRIORITY_S) while the engine has presses
-    in flight or waiting. A scoring window holds the model ~0.5 s on 2 cores, and the lock is
-    not fair, so without this a writer's Tab waited behind a whole document's windows
-    (bench.load --hostile: the writers' p95 1.83x with three 25k-character scorings running)."""
-    deadline = time.monotonic() + PRESS_PRIORITY_S
-    while (engine.batches or engine.queue.pending()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    """Let Tab presses go first: wait (at most PRESS_PRIORITY_S) while presses of any model are
+    waiting or decoding (scheduler.FOREGROUND: set when a press is posted, cleared when its
+    queue's worker has nothing left, so a press between being taken and being admitted counts).
+    The lock is not fair, so without this a writer's Tab waited behind a whole document's
+    windows (bench.load --hostile: the writers' p95 1.83x with three 25k-character scorings)."""
+    FOREGROUND.wait_idle(PRESS_PRIORITY_S)
+
+
+class _Gone(Exception):
+    """The caller of a scoring went away while it stepped aside."""
+
+
+_aside = threading.local()  # in a scoring's thread, while it holds its engine's lock: (engine, caller_gone)
+_HOOKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # models whose layers call _step_aside
+
+
+class _stepping_aside:
+    """Within it (the engine's lock held), the scoring's forward pass steps aside for Tab presses
+    before every decoder layer: a window of 576 tokens held the model ~0.5 s at a time, and a
+    press that came meanwhile waited for all of it (bench.load --hostile: writers' p95 1.45-1.72x
+    calm with scorings running); now it waits for one layer (~30 ms). The hooks are put on a
+    model once, under the lock (no forward pass runs while they are added), and do nothing in
+    any thread but a scoring's, so the engine's own passes through the same layers go on as before."""
+
+    def __init__(self, engine, caller_gone):
+        self.engine, self.caller_gone = engine, caller_gone
+
+    def __enter__(self):
+        model = self.engine.model
+        if model not in _HOOKED:
+            layers = getattr(getattr(model, "model", None), "layers", None)
+            for layer in layers if layers is not None else []:
+                layer.register_forward_pre_hook(lambda module, args: _step_aside())
+            _HOOKED[model] = True
+        _aside.current = (self.engine, self.caller_gone)
+        return self
+
+    def __exit__(self, *exc):
+        _aside.current = None
+        return False
+
+
+def _step_aside() -> None:
+    """In a scoring's thread holding its engine's lock: while Tab presses are waiting or decoding,
+    let go of the lock and wait for them (at most PRESS_PRIORITY_S), then take it again; raise
+    _Gone if the caller went away meanwhile. Elsewhere, nothing."""
+    current = getattr(_aside, "current", None)
+    if current is None or not FOREGROUND.busy():
+        return
+    engine, caller_gone = current
+    engine.lock.release()
+    try:
+        FOREGROUND.wait_idle(PRESS_PRIORITY_S)
+    finally:
+        engine.lock.acquire()
+    if caller_gone():
+        raise _Gone()
 
 
 def _split_head_works(engine) -> bool:

@@ -333,3 +333,49 @@ def test_scoring_stops_when_the_caller_goes_away(engine, monkeypatch):
     # The slot is free again: the next scoring runs to the end.
     full = score(engine, "the quick brown fox jumps over the lazy dog " * 12, caller_gone=lambda: False)
     assert "error" not in full and full["tokens"]
+
+
+def test_a_scoring_steps_aside_for_a_tab_press_within_its_window():
+    # A press that comes while a scoring window is being read runs before that window ends
+    # (the scoring lets go of the model at the next layer), not after it.
+    from models.settings import Settings
+
+    engine = tiny_llama_engine(build_tokenizer(), seed=3, context_length=2048)
+    inside, go = threading.Event(), threading.Event()
+    scorer: list[threading.Thread] = []
+
+    def window(hidden: torch.Tensor) -> bool:  # the scoring's window, not its 8-token check of the model
+        return threading.current_thread() in scorer and hidden.shape[1] > 8
+
+    def hold_first_layer(module, args):  # in the scoring's first window, once: wait there for the test
+        if window(args[0]) and not inside.is_set():
+            inside.set()
+            go.wait(10)
+
+    results: dict[str, object] = {}
+    read: list[str] = []  # whose pass went through every layer, in order
+
+    def body_read(module, args, output):
+        if threading.current_thread() not in scorer:
+            read.append("press")
+        elif window(args[0]):
+            read.append("scoring")
+
+    engine.model.model.layers[0].register_forward_pre_hook(hold_first_layer)
+    engine.model.model.norm.register_forward_hook(body_read)
+    scorer.append(threading.Thread(target=lambda: results.update(score=score(engine, TEXT * 3))))
+    scorer[0].start()
+    assert inside.wait(10)
+
+    def press() -> None:
+        results["press"] = engine.suggest("The quick brown", Settings(lengths=[4], num_suggestions=1, max_time=30), seed=0)
+
+    presser = threading.Thread(target=press)
+    presser.start()
+    from models.scheduler import FOREGROUND
+    _wait_for(FOREGROUND.busy)
+    go.set()
+    presser.join(30)
+    scorer[0].join(30)
+    assert results["press"].texts and "perplexity" in results["score"]
+    assert read[0] == "press", f"the press waited for the scoring's window: {read}"
