@@ -6,7 +6,6 @@ Layout only; what happens on a Tab press lives in editor/service.py and models/.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import gradio as gr
 from editor import service as handlers
 from editor import styles
 from editor.documents import DocumentStore
+from editor.guard import visitor_address
 from editor.service import MAX_AFTER_CHARS, SuggestService
 from models.core import EngineError
 from models.registry import EMBEDDED, ModelLoadError, ModelNotFound
@@ -50,12 +50,8 @@ def _visitor_of(request) -> str:
     or $TABWRITE_TRUST_PROXY=1), the address the proxy saw (the last X-Forwarded-For entry: the
     ones before it are whatever the client wrote)."""
     client = getattr(request, "client", None)
-    host = str(getattr(client, "host", "") or "")
-    if os.environ.get("SPACE_ID") or os.environ.get("TABWRITE_TRUST_PROXY") == "1":
-        headers = getattr(request, "headers", None) or {}
-        forwarded = [h.strip() for h in str(headers.get("x-forwarded-for", "")).split(",") if h.strip()]
-        host = forwarded[-1] if forwarded else host
-    return host[:64] or "unknown"
+    headers = getattr(request, "headers", None) or {}
+    return visitor_address(str(getattr(client, "host", "") or ""), str(headers.get("x-forwarded-for", "")))
 
 
 def _session_of(request) -> str:

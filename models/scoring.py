@@ -9,8 +9,8 @@ Long documents are scored in windows: each window re-reads a little of the previ
 as context, so no token is scored without any context but the first.
 
 A local model's scoring is bounded whatever the text: the text is cut to what MAX_TOKENS
-tokens could cover before it is tokenized, a window's full-vocabulary logits exist SCORE_CHUNK
-positions at a time (Gemma 3's 262144 tokens: 64 MiB, not 576 MiB per window and as much
+tokens could cover before it is tokenized, a window's full-vocabulary logits exist SCORE_ALIGN
+positions at a time (Gemma 3's 262144 tokens: 16 MiB, not 576 MiB per window and as much
 again for each copy), and few scorings run at once per model: $TABWRITE_SCORE_CONCURRENCY
 (default 1), with $TABWRITE_SCORE_QUEUE (default 2) waiting at most $TABWRITE_SCORE_WAIT_S
 (default 60) seconds; any more are answered BUSY at once.
@@ -44,7 +44,7 @@ MAX_TOKENS = 4096  # longer documents: the last MAX_TOKENS tokens are scored
 ALTERNATIVES = 5
 EMPTY = "Nothing to score: the document is empty."
 MAX_CHARS_PER_TOKEN = 12  # only the last MAX_TOKENS * this characters are read (tokenized) at all
-SCORE_CHUNK = 64  # positions whose full-vocabulary logits exist at once (Gemma 3: 64 x 262144 fp32 = 64 MiB)
+SCORE_CHUNK = 64  # rows read per hold of the model's lock, in pieces of SCORE_ALIGN (the logits of one piece exist at once)
 SCORE_ALIGN = 16  # chunks start at a multiple of this row (models/kernels.py SCREEN_ROWS; SCORE_CHUNK a multiple)
 GONE = "Not scored: the caller went away."  # nobody reads it; said for logs and tests
 BUSY = "Busy: the perplexity view is scoring other documents; try again in a few seconds."
@@ -167,50 +167,53 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int,
                 states = (read_hidden if split else read_all)(engine.model, torch.tensor([feed], device=engine.device))
         except _Gone:
             return {"error": GONE}
-        # Chunks of rows aligned as one pass over the window would have them (an output layer
+        # Rows in pieces aligned as one pass over the window would have them (an output layer
         # may quantize SCORE_ALIGN rows together): their logits are the ones read_all gives.
-        for a in range(offset // SCORE_ALIGN * SCORE_ALIGN, offset + count, SCORE_CHUNK):
-            b = min(a + SCORE_CHUNK, len(feed))
-            if split:
-                if caller_gone():
-                    return {"error": GONE}
-                _after_presses(engine)
-                try:
-                    with engine.lock, _stepping_aside(engine, caller_gone):
-                        parts = []
-                        for r in range(a, b, SCORE_ALIGN):
-                            if r > a:
-                                _step_aside()
-                            parts.append(read_logits(engine.model, states[r : min(r + SCORE_ALIGN, b)]))
-                        logits = torch.cat(parts)
-                        del parts
-                except _Gone:
-                    return {"error": GONE}
-            else:
-                logits = states[a:b]
-            lo, hi = max(a, offset), min(b, offset + count)  # the rows of this chunk that predict targets
-            with torch.inference_mode():
-                logp = torch.log_softmax(logits[lo - a : hi - a], dim=-1)
-                del logits
-                target_logp = logp.gather(1, targets[lo - offset : hi - offset, None]).squeeze(1)
-                ranks = (logp > target_logp[:, None]).sum(dim=1) + 1
-                # Alternatives are text the writer could use: no control tokens such as <start_of_image>.
-                top_logp, top_ids = logp.index_fill_(1, engine.stop_ids, float("-inf")).topk(alternatives, dim=-1)
-                del logp
-            for k, value, rank, tops, top_id in zip(
-                range(lo - offset, hi - offset), target_logp.tolist(), ranks.tolist(), top_logp.tolist(), top_ids.tolist()
-            ):
-                s, e = spans[start + k]
-                total_nll -= value
-                scored_chars += e - s
-                alternatives_of = []
-                for lp, i in zip(tops, top_id):
-                    if i not in decoded:
-                        decoded[i] = tokenizer.decode([i])
-                    alternatives_of.append({"text": decoded[i], "prob": math.exp(lp)})
-                results.append(
-                    {"text": text[s:e], "start": s, "end": e, "prob": math.exp(value), "rank": rank, "alternatives": alternatives_of}
-                )
+        # A piece's logits and what is read from them (log-softmax, ranks, alternatives: passes
+        # over 16 x 262144 values for Gemma) are made under the lock, stepping aside for Tab
+        # presses between pieces; made beside a press, those passes took the CPU from it.
+        pieces = list(range(offset // SCORE_ALIGN * SCORE_ALIGN, offset + count, SCORE_ALIGN))
+        per_lock = max(1, SCORE_CHUNK // SCORE_ALIGN)
+        for first_piece in range(0, len(pieces), per_lock):
+            if caller_gone():
+                return {"error": GONE}
+            _after_presses(engine)
+            try:
+                with engine.lock, _stepping_aside(engine, caller_gone):
+                    for j, a in enumerate(pieces[first_piece : first_piece + per_lock]):
+                        if j:
+                            _step_aside()
+                        b = min(a + SCORE_ALIGN, len(feed))
+                        logits = read_logits(engine.model, states[a:b]) if split else states[a:b]
+                        lo, hi = max(a, offset), min(b, offset + count)  # the rows of this piece that predict targets
+                        if hi <= lo:
+                            continue
+                        with torch.inference_mode():
+                            logp = torch.log_softmax(logits[lo - a : hi - a], dim=-1)
+                            del logits
+                            target_logp = logp.gather(1, targets[lo - offset : hi - offset, None]).squeeze(1)
+                            ranks = (logp > target_logp[:, None]).sum(dim=1) + 1
+                            # Alternatives are text the writer could use: no control tokens such as <start_of_image>.
+                            top_logp, top_ids = logp.index_fill_(1, engine.stop_ids, float("-inf")).topk(alternatives, dim=-1)
+                            del logp
+                        for k, value, rank, tops, top_id in zip(
+                            range(lo - offset, hi - offset), target_logp.tolist(), ranks.tolist(), top_logp.tolist(),
+                            top_ids.tolist(),
+                        ):
+                            s, e = spans[start + k]
+                            total_nll -= value
+                            scored_chars += e - s
+                            alternatives_of = []
+                            for lp, i in zip(tops, top_id):
+                                if i not in decoded:
+                                    decoded[i] = tokenizer.decode([i])
+                                alternatives_of.append({"text": decoded[i], "prob": math.exp(lp)})
+                            results.append(
+                                {"text": text[s:e], "start": s, "end": e, "prob": math.exp(value), "rank": rank,
+                                 "alternatives": alternatives_of}
+                            )
+            except _Gone:
+                return {"error": GONE}
         del states
         if on_progress is not None:
             on_progress((n + 1) / len(windows))

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import secrets
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -113,12 +114,20 @@ def test_another_visitor_cannot_push_out_read_or_cancel_a_session(app):
     session = secrets.token_hex(8)
     first = server_function(app, "suggest_for_editor", {"text": "The old lighthouse keeper", "seq": 1}, session, victim)
     assert first.get("suggestions"), first
-    # The attacker opens sessions by the thousand (each costs the app nothing: blank text)...
-    def opened(n: int) -> dict:
-        return server_function(app, "suggest_for_editor", {"text": " ", "seq": 1}, f"flood-{n}", attacker)
+    # The attacker opens sessions by the thousand (blank text: no model work)...
+    editor = editor_id(app)
+
+    def opened(n: int) -> int:
+        body = {"session_hash": f"flood-{n}", "component_id": editor, "fn_name": "suggest_for_editor",
+                "data": {"text": " ", "seq": 1}}
+        return post(app, "/gradio_api/component_server/", body, {"X-Forwarded-For": attacker})[0]
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(opened, range(1200)))
+        statuses = list(pool.map(opened, range(1200)))
+    # ... as fast as the app lets one address (editor/guard.py RequestRate; the rest: 429), more
+    # than the sessions one visitor may hold, so the attacker's own oldest are pushed out.
+    assert set(statuses) <= {200, 429} and statuses.count(200) > 16, sorted(set(statuses))
+    time.sleep(1.0)  # the attacker's bucket fills a little again, for the calls below
     # ... and uses the victim's session id from their own address: that reaches a session of their own.
     assert server_function(app, "suggestion_progress", {}, session, attacker).get("last") is None
     server_function(app, "cancel_suggestions", {}, session, attacker)
@@ -126,6 +135,25 @@ def test_another_visitor_cannot_push_out_read_or_cancel_a_session(app):
     mine = server_function(app, "suggestion_progress", {}, session, victim)
     assert mine["last"] is not None and mine["last"]["prefetch"] is False and mine["last"]["cancelled"] is False, mine
     assert mine.get("seq") == 1
+
+
+def test_one_visitor_sending_requests_faster_than_the_limit_gets_429_and_others_go_on(app):
+    # A burst of server-function calls from one address: past the bucket (60 at once, then 15 a
+    # second) each gets 429 and one line, before Gradio reads it; another visitor's Tab meanwhile
+    # is answered as usual.
+    editor, flooder = editor_id(app), "198.51.100.77"
+
+    def call(n: int) -> tuple[int, bytes]:
+        body = {"session_hash": "rate", "component_id": editor, "fn_name": "suggestion_progress", "data": {}}
+        return post(app, "/gradio_api/component_server/", body, {"X-Forwarded-For": flooder})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(call, range(300)))
+        other = server_function(app, "suggest_for_editor", {"text": "The old lighthouse keeper", "seq": 1}, "calm-rate", "192.0.2.55")
+    refused = [json.loads(body) for status, body in answers if status == 429]
+    assert refused and all(set(r) == {"error"} and r["error"].startswith("Too many requests") for r in refused), answers[:3]
+    assert sum(status == 200 for status, _ in answers) >= 60  # the burst went through
+    assert other.get("suggestions"), other
 
 
 def test_one_visitor_cannot_run_more_than_a_few_presses_at_once(app):
