@@ -615,7 +615,7 @@ def shape_swaps(groups: list[Group], measured: dict[str, list[Measured]], choice
                 excluded: set[str] = frozenset()) -> list[tuple[float, dict, str]]:
     """Each loose format in ``choice`` replaced, in one layer shape and one use (decoding or
     prompts) only, by that shape's next best: (ms a press it costs, the choice, what changed),
-    cheapest first. Changes that would pass WEIGHTS_BUDGET_MB are left out."""
+    loosest first. Changes that would pass WEIGHTS_BUDGET_MB are left out."""
     now, found = press_cost(groups, measured, choice), []
     for group in groups:
         for regimes in (("few", "many"),) if group.single else (("few",), ("many",)):
@@ -628,8 +628,13 @@ def shape_swaps(groups: list[Group], measured: dict[str, list[Measured]], choice
             if trial[group.key] == choice[group.key] or weight_mb(groups, trial) > WEIGHTS_BUDGET_MB:
                 continue
             use = "prompts" if regimes == ("many",) else "decoding"
-            found.append((press_cost(groups, measured, trial) - now, trial, f"{way} for {group.key} ({use})"))
-    return sorted(found, key=lambda f: f[0])
+            error = next((m.error for m in measured[group.key] if m.kernel == way), None) or 0.0
+            found.append((press_cost(groups, measured, trial) - now, trial, f"{way} for {group.key} ({use})", error))
+    # The shape where the format is furthest from fp32 first (its layer error on the probe's
+    # inputs), then the cheapest: on an EPYC capped to AVX2 the cheapest changes were the
+    # small shapes', which did not pass, where leaving int8 out of the loosest (640x2048,
+    # error 0.029) did (distribution moved 0.033, limit 0.04).
+    return [f[:3] for f in sorted(found, key=lambda f: (-round(f[3], 3), f[0]))]
 
 
 def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say) -> dict:
@@ -645,10 +650,10 @@ def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say) -> d
             return check
         say(f"  on the probe text bits/char rose {check['worst_change_pct']:.2f} % (limit {PROBE_TOLERANCE_PCT:g} %) and the "
             f"suggestions' distribution moved {check['worst_tv']:.3f} (limit {PROBE_TV:g}) with {', '.join(loose)}")
-        # First, a loose format left out of one layer shape only, the cheapest first: the whole
-        # model may take it everywhere but one place. (Gemma, EPYC capped to AVX2: int8 prompts
-        # in every shape moved the distribution 0.049; with the keys and values (256x640) of
-        # prompts read in fp32, 0.010, for ~3 ms a press.)
+        # First, a loose format left out of one layer shape only: the whole model may take it
+        # everywhere but one place. (Gemma, EPYC capped to AVX2: int8 prompts in every shape
+        # moved the distribution 0.049; without int8 in the 640x2048 layers, 0.033; in the
+        # 256x640 ones (keys and values), 0.029.)
         for _, trial, what in shape_swaps(groups, measured, choice, excluded)[:SHAPE_TRIALS]:
             restore(groups)
             apply(groups, trial, probe.absmax, kept)
