@@ -423,15 +423,19 @@ def apply(groups: list[Group], choice: dict[str, dict[str, str]], absmax: dict[i
                 release_pages(layer.weight.detach())
 
 
-def run_exactly(groups: list[Group], names: list[str] | None = None, prepared: dict | None = None) -> str:
+def run_exactly(groups: list[Group], names: list[str] | None = None, prepared: dict | None = None,
+                single_default: bool = False) -> str:
     """Run every layer in fp32 through oneDNN where it can (the same numbers as PyTorch's default
     fp32 matmul to ~1e-6; the default, MKL, took 2.8 s instead of ~1 s to read the probe text on
-    an EPYC). Returns the way used; the default where oneDNN cannot run."""
+    an EPYC). Returns the way used; the default where oneDNN cannot run. ``single_default``: the
+    output layer keeps the default (tuning: oneDNN's copy of Gemma's would hold 671 MB more at
+    the first start's peak, ~3 GB, for ~0.1 s of reading the probe)."""
     for name in names or [k for k in KERNELS if KERNELS[k].precision == 0]:
         if name == REFERENCE or not KERNELS[name].available():
             continue
         try:
-            apply(groups, {g.key: {"few": name, "many": name} for g in groups}, {}, prepared, release=False)
+            ways = {g.key: {"few": r, "many": r} for g in groups for r in [REFERENCE if g.single and single_default else name]}
+            apply(groups, ways, {}, prepared, release=False)
             return name
         except Exception:  # noqa: BLE001 - this CPU cannot run it: read with the default instead
             restore(groups)
@@ -505,7 +509,7 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
     say(f"choosing how to run {sum(len(g.layers) for g in groups)} matmuls on this CPU ({_cpuinfo()[0]}); "
         f"once per machine, about 10 s")
     kept: dict[tuple[str, str], list] = {}
-    run_exactly(groups, [k for k in names if KERNELS[k].precision == 0], kept)
+    run_exactly(groups, [k for k in names if KERNELS[k].precision == 0], kept, single_default=True)
     probe = run_probe(model, tokenizer, groups, probe_texts())
     restore(groups)
     measured: dict[str, list[Measured]] = {}
@@ -542,6 +546,7 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
         say(f"  [{n + 1}/{len(groups)}] {group.key} x{len(group.layers)} (ms few rows/many): {times} -> "
             f"{choice[group.key]['few']} / {choice[group.key]['many']}")
     choice = within_budget(groups, measured, choice)
+    _trim_heap()  # the formats measured and dropped: their pages go back before the winners are made whole
     check = _settle(model, groups, measured, choice, probe, kept, say)
     tuning = Tuning(
         cpu_fingerprint(), choice, {k: [vars(m) for m in v] for k, v in measured.items()}, check,
