@@ -15,7 +15,6 @@ by others learns styles only when its operator says so (app.py --personalize).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from editor.documents import TOKEN, key_hash
-from models.core import clean_prompt
+from models.core import clean_prompt, give_back_memory
 from models.registry import ModelNotFound, cache_root
 
 MIN_CHARS = 2000
@@ -359,16 +358,6 @@ class Styles:
                 rows[who] = result.texts[0] if result.texts else ""
             out.append({"text": cut, "actual": sentence[len(cut):][:80], **rows})
         return out
-
-
-def give_back_memory() -> None:
-    """Return freed memory to the system. glibc keeps what large temporary tensors freed: after
-    making an adapted model the process held 2301 MB of anonymous memory, 1490 MB after
-    malloc_trim (Gemma 3 270M, the adapted model itself ~375 MB)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _log(line: str) -> None:

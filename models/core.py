@@ -320,3 +320,18 @@ class Backend(Protocol):
     def serve(self, stop: threading.Event | None = None) -> None:
         """Give the calling thread to the backend until ``stop`` is set (app.py's main thread)."""
         ...
+
+
+def give_back_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    glibc keeps chunks that large temporary tensors freed in the heap, under its (by then
+    raised) mmap threshold: after tuning, which makes and drops weights in seven formats, ~300
+    MB of resident memory nothing used; after making an adapted model (editor/styles.py), 2301
+    MB of anonymous memory against 1490 MB once trimmed (Gemma 3 270M)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

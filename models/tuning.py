@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.core import give_back_memory
 from models.kernels import KERNELS, REFERENCE, Kernel, TunedLinear, release_pages
 from models.settings import Settings
 from models.steps import sampling_distribution, total_variation
@@ -546,7 +547,7 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
         say(f"  [{n + 1}/{len(groups)}] {group.key} x{len(group.layers)} (ms few rows/many): {times} -> "
             f"{choice[group.key]['few']} / {choice[group.key]['many']}")
     choice = within_budget(groups, measured, choice)
-    _trim_heap()  # the formats measured and dropped: their pages go back before the winners are made whole
+    give_back_memory()  # the formats measured and dropped: their pages go back before the winners are made whole
     check = _settle(model, groups, measured, choice, probe, kept, say)
     tuning = Tuning(
         cpu_fingerprint(), choice, {k: [vars(m) for m in v] for k, v in measured.items()}, check,
@@ -697,24 +698,12 @@ def _paths(folder: Path, model_key: str, fingerprint: dict) -> tuple[Path, Path]
     return folder / f"{stem}.json", folder / f"{stem}.absmax.pt"
 
 
-def _trim_heap() -> None:
-    """Give the C heap's free pages back to the system. Tuning makes and drops weights in
-    seven formats; glibc keeps freed chunks under its (by then raised) mmap threshold in the
-    heap, which showed as ~300 MB of resident memory nothing used. Linux/glibc only."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None] = _say) -> Tuning:
     """Apply this machine's saved choice for this model, or tune now and save it."""
     try:
         return _tune_or_load(model, tokenizer, folder, model_key, say)
     finally:
-        _trim_heap()
+        give_back_memory()
 
 
 def _tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None]) -> Tuning:
