@@ -161,7 +161,7 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int,
         targets = torch.tensor(ids[start:end], device=engine.device)
         if caller_gone():
             return {"error": GONE}
-        _after_presses(engine)
+        _after_presses()
         try:
             with engine.lock, _stepping_aside(engine, caller_gone):  # one forward pass at a time
                 states = (read_hidden if split else read_all)(engine.model, torch.tensor([feed], device=engine.device))
@@ -177,7 +177,7 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int,
         for first_piece in range(0, len(pieces), per_lock):
             if caller_gone():
                 return {"error": GONE}
-            _after_presses(engine)
+            _after_presses()
             try:
                 with engine.lock, _stepping_aside(engine, caller_gone):
                     for j, a in enumerate(pieces[first_piece : first_piece + per_lock]):
@@ -230,7 +230,7 @@ _PROBE_TEXT = "The perplexity view reads a text"
 PRESS_PRIORITY_S = 2.0  # the longest a scoring step waits for Tab presses to finish before it goes anyway
 
 
-def _after_presses(engine) -> None:
+def _after_presses() -> None:
     """Let Tab presses go first: wait (at most PRESS_PRIORITY_S) while presses of any model are
     waiting or decoding (scheduler.FOREGROUND: set when a press is posted, cleared when its
     queue's worker has nothing left, so a press between being taken and being admitted counts).

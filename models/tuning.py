@@ -645,7 +645,8 @@ def shape_swaps(groups: list[Group], measured: dict[str, list[Measured]], choice
 
 def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say) -> dict:
     """Apply ``choice`` (in place) and check it on the probe text; while it fails, leave out one
-    loose format (the one whose absence costs a press least and passes), else the loosest."""
+    loose format from one layer shape (shape_swaps), else from the whole model (the one whose
+    absence costs a press least and passes), else the loosest, and check again."""
     excluded: set[str] = set()
     for _ in range(len(KERNELS) + 1):  # each round leaves out one more format; fp32 always passes
         apply(groups, choice, probe.absmax, kept)
@@ -659,24 +660,17 @@ def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say) -> d
         # First, a loose format left out of one layer shape only: the whole model may take it
         # everywhere but one place. (Gemma, EPYC capped to AVX2: int8 prompts in every shape
         # moved the distribution 0.049; without int8 in the 640x2048 layers, 0.033; in the
-        # 256x640 ones (keys and values), 0.029.)
-        for _, trial, what in shape_swaps(groups, measured, choice, excluded)[:SHAPE_TRIALS]:
+        # 256x640 ones (keys and values), 0.029.) Then one format out of the whole model, the
+        # one whose absence costs a press least first.
+        trials = [(trial, what) for _, trial, what in shape_swaps(groups, measured, choice, excluded)[:SHAPE_TRIALS]]
+        whole = {k: choice_without(groups, measured, excluded | {k}) for k in loose}
+        trials += sorted(((trial, k) for k, trial in whole.items()), key=lambda t: press_cost(groups, measured, t[0]))
+        for trial, what in trials:
             restore(groups)
             apply(groups, trial, probe.absmax, kept)
             attempt = _check(model, probe)
             if _passes(attempt):
                 say(f"  not using {what}")
-                choice.clear()
-                choice.update(trial)
-                return attempt
-        options = sorted(loose, key=lambda k: press_cost(groups, measured, choice_without(groups, measured, excluded | {k})))
-        for k in options:  # the one whose absence costs a press least, first
-            restore(groups)
-            trial = choice_without(groups, measured, excluded | {k})
-            apply(groups, trial, probe.absmax, kept)
-            attempt = _check(model, probe)
-            if _passes(attempt):
-                say(f"  not using {k}")
                 choice.clear()
                 choice.update(trial)
                 return attempt
