@@ -241,9 +241,60 @@ def _fbgemm_int8_run(x: torch.Tensor, packed: list, reduce_range: bool) -> torch
 
 
 @dataclass
+class BlockInt8:
+    """int8 in blocks of BLOCK inputs, one scale each: weight ~= q * scale (per block).
+
+    A GGUF's Q8_0 tensor (Gemma 3's token embedding, tied to its output layer) is exactly this,
+    so its values come back bit for bit (see block_int8); other weights lose at most half a
+    step of 1/127 of their block's largest value."""
+
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # fp16 (where it holds every scale exactly) or fp32 [out, in / block]
+    block: int
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """fp32 rows ``index`` (any shape) -> [*index.shape, in].
+
+        index_select, not ``q[index]``: for 3 x 1024 rows of Gemma's 262144 x 640 it took 0.05 ms
+        where advanced indexing took 0.76 (EPYC)."""
+        flat = index.reshape(-1)
+        q = self.q.index_select(0, flat).view(flat.shape[0], -1, self.block).float()
+        q.mul_(self.scale.index_select(0, flat).float()[..., None])
+        return q.view(*index.shape, self.q.shape[1])
+
+    def logits(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Row ``index[b, c]`` of the weight times ``x[b]``: [B, C] from index [B, C], x [B, in].
+
+        A row-wise dot product, not bmm: bmm with one column took 3.3-4.1 ms for 3 x 1024 rows
+        against 0.7-0.8 (EPYC, natively and with AVX2 only)."""
+        return torch.linalg.vecdot(self.rows(index), x[:, None, :])
+
+
+BLOCK = 32  # GGUF's Q8_0 block
+
+
+def block_int8(weight: torch.Tensor) -> BlockInt8:
+    out, width = weight.shape
+    block = BLOCK if width % BLOCK == 0 else width
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(out, width // block, dtype=torch.float32)
+    for start in range(0, out, _CHUNK_ROWS):
+        w = weight[start : start + _CHUNK_ROWS].float().view(-1, width // block, block)
+        # Q8_0's scale is fp16 d with d * 127 the block's largest value, exact in fp32, so
+        # (d * 127) / 127 gives d back and round(value / d) its q: the round trip is exact.
+        s = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
+        q[start : start + _CHUNK_ROWS] = torch.round(w / s[..., None]).clamp_(-127, 127).to(torch.int8).view(-1, width)
+        scale[start : start + _CHUNK_ROWS] = s
+    half = scale.half()
+    if torch.equal(half.float(), scale):
+        scale = half
+    return BlockInt8(q, scale, block)
+
+
+@dataclass
 class Screen:
     packed: list  # fbgemm's int8 weight, in slices of rows
-    dense: torch.Tensor  # the fp32 weight, for the exact values of a few rows
+    exact: BlockInt8  # the weight again, for the exact values of a few rows
     reduce_range: bool  # 7-bit activations (see _screen_prepare)
     candidates: int = 256  # rows of exact logits per input row (SCREEN_CANDIDATES)
 
@@ -255,6 +306,7 @@ SCREEN_ROWS = 16  # rows quantized together (fbgemm takes one scale for all the 
 def _screen_prepare(weight, act_absmax=None):
     w = quantize_int8(weight)
     packed = _fbgemm_int8(w)
+    del w
     # 8-bit activations keep the int8 logits 5x closer (Gemma, held-out Chinese: +0.13 % bits/char
     # against +0.81 % with 7 bits), but where fbgemm multiplies with 16-bit sums (AVX2 without
     # VNNI) they can saturate. So both are tried on input of the layer's real range and the
@@ -270,22 +322,25 @@ def _screen_prepare(weight, act_absmax=None):
     reduce = errors[True] < errors[False]
     # With 7-bit activations the int8 tail is rougher (+0.81 % bits/char on held-out Chinese with
     # 256 exact rows, +0.22 % with 1024), so more rows are made exact.
-    return Screen(packed, weight, reduce, 4 * SCREEN_CANDIDATES if reduce else SCREEN_CANDIDATES)
+    return Screen(packed, block_int8(weight), reduce, 4 * SCREEN_CANDIDATES if reduce else SCREEN_CANDIDATES)
 
 
 def _screen_run(x, s: Screen):
     # Every logit from int8 (fbgemm, activations quantized on the fly: ~1e-2 off), then the
-    # likeliest SCREEN_CANDIDATES of each row again in fp32 from the dense weight: those are the
-    # ones sampling draws from (top-k 40 of them) and the perplexity view mostly shows, and they
-    # come out exact; the rest only feed the normalisation. Gemma's output layer reads 168 MB
-    # this way instead of 320 (bf16) or 512 (fbgemm's fp16, which pads 640 inputs to 1024): a
-    # decode step at batch 3 went from ~33 to ~27 ms on an EPYC.
+    # likeliest SCREEN_CANDIDATES of each row again in fp32: those are the ones sampling draws
+    # from (top-k 40 of them) and the perplexity view mostly shows, and they come out exact;
+    # the rest only feed the normalisation. Gemma's output layer reads 168 MB this way instead
+    # of 320 (bf16) or 512 (fbgemm's fp16, which pads 640 inputs to 1024).
+    # The exact rows come from a resident block-int8 copy (exact for Gemma's Q8_0 weight), not
+    # from the fp32 weight: that one lies in the mapped model file with its pages handed back
+    # (kernels.release_pages), and gathering 3 x 256 rows of it faulted them in from the file:
+    # 46 ms for a random set and 5.5 ms of a 29 ms decode step at batch 3 on an EPYC, for
+    # 0.2 ms from the resident copy (its 178 MB are counted in the format's bytes).
     if x.shape[0] > SCREEN_ROWS:  # scoring a text: a few rows at a time, each with its own scale
         return torch.cat([_screen_run(part, s) for part in x.split(SCREEN_ROWS)])
     approx = _fbgemm_int8_run(x, s.packed, s.reduce_range)
     top = approx.topk(min(s.candidates, approx.shape[-1]), dim=-1).indices
-    exact = torch.bmm(s.dense[top].float(), x[:, :, None]).squeeze(-1)
-    return approx.scatter_(1, top, exact)
+    return approx.scatter_(1, top, s.exact.logits(top, x))
 
 
 def _int8_weight_prepare(weight, act_absmax=None):
@@ -315,7 +370,7 @@ KERNELS: dict[str, Kernel] = {
                few_rows_only=True),
         # The output layer only: a model's vocabulary is most of its weights (62 % of Gemma 3
         # 270M's) and a suggestion only needs its likeliest logits exactly.
-        Kernel("int8-screen", 1, 1, _screen_prepare, _screen_run, _fbgemm_available, output_only=True),
+        Kernel("int8-screen", 1, 2 + 2 / BLOCK, _screen_prepare, _screen_run, _fbgemm_available, output_only=True),
         # For prompts only: there the arithmetic is the cost and int8 arithmetic is 2-4x faster
         # (prefill of Gemma's 2048x640 layers at 128 rows: 26 ms against 63 for fp32), while a
         # decode step reads as many bytes with int8 weights alone (int8-weight) and loses less.

@@ -47,7 +47,7 @@ from models.steps import sampling_distribution, total_variation
 
 log = logging.getLogger("tabwrite")
 
-TUNING_VERSION = 2  # bump when the choice logic changes: every machine tunes again
+TUNING_VERSION = 3  # bump when the choice logic changes: every machine tunes again
 FEW_ROWS = 16  # a layer input of at most this many rows runs the "few" way (decode steps, short typed prompts)
 TIMED_FEW = 3  # one Tab press decodes three rows at a time
 TIMED_BATCH = 48  # a batch of many writers' presses, for the layer with only one way for every row count

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from models.kernels import KERNELS, Kernel, TunedLinear, release_pages
+from models.kernels import KERNELS, Kernel, TunedLinear, block_int8, release_pages
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +55,7 @@ def test_the_screened_output_layer_is_exact_on_its_likeliest_logits():
     if not runnable("int8-screen"):
         pytest.skip("fbgemm is not in this torch build")
     torch.manual_seed(0)
-    weight = torch.randn(5000, 64) * 0.05  # a vocabulary of 5000
+    weight = _q8_0_like(5000, 64)  # a vocabulary of 5000, stored as a GGUF's Q8_0 (Gemma's is)
     x = torch.randn(3, 64)
     got = KERNELS["int8-screen"].run(x, KERNELS["int8-screen"].prepare(weight))
     expected = x @ weight.T
@@ -63,6 +63,29 @@ def test_the_screened_output_layer_is_exact_on_its_likeliest_logits():
     assert torch.equal(got.topk(40, dim=-1).indices.sort().values, top.sort().values)
     assert torch.allclose(got.gather(1, top), expected.gather(1, top), atol=1e-5)
     assert float((got - expected).norm() / expected.norm()) < 3e-2  # the rest: int8
+
+
+def _q8_0_like(rows: int, width: int) -> torch.Tensor:
+    """fp32 values as GGUF's Q8_0 stores them: blocks of 32 int8 times one fp16 scale each."""
+    q = torch.randint(-127, 128, (rows, width // 32, 32)).float()
+    q[..., 0] = 127  # each block's largest value is its scale times 127, as Q8_0 quantizes
+    d = (torch.rand(rows, width // 32, 1) * 1e-3 + 1e-4).half().float()
+    return (q * d).view(rows, width)
+
+
+def test_block_int8_gives_q8_0_values_back_bit_for_bit_and_others_within_half_a_step():
+    weight = _q8_0_like(300, 96)
+    packed = block_int8(weight)
+    assert packed.q.dtype == torch.int8 and packed.scale.dtype == torch.float16  # 2 bytes a block
+    assert torch.equal(packed.rows(torch.arange(300)), weight)
+    assert torch.equal(packed.rows(torch.tensor([[5, 7], [299, 0]]))[1, 0], weight[299])
+    other = torch.randn(300, 96)
+    approx = block_int8(other).rows(torch.arange(300))
+    step = other.view(300, 3, 32).abs().amax(-1, keepdim=True) / 127
+    assert bool(((approx - other).view(300, 3, 32).abs() <= step / 2 + 1e-7).all())
+    assert not torch.equal(approx, other)
+    odd = torch.randn(10, 50)  # a width that is no multiple of 32: one block a row
+    assert block_int8(odd).block == 50 and float((block_int8(odd).rows(torch.arange(10)) - odd).abs().max()) < 0.02
 
 
 def _recording(name: str, calls: list) -> Kernel:
