@@ -91,3 +91,35 @@ def test_busy_keeps_the_loop_going_without_new_tasks():
     stop.set()
     runner.join(10)
     assert calls[0] == ["once"] and calls[1:] == [[], []]  # two more rounds while busy, then idle
+
+
+def test_the_heap_is_trimmed_once_when_the_loop_goes_idle_never_between_busy_rounds(monkeypatch):
+    import models.scheduler as scheduler
+
+    events: list = []
+    monkeypatch.setattr(scheduler, "give_back_memory", lambda: events.append("trim"))
+    more = [0]  # rounds still busy after the one that took the press
+
+    def round_(tasks, cancels):
+        events.append(("round", list(tasks)))
+        more[0] = 2 if tasks else more[0] - 1
+        return []
+
+    queue = Scheduler("trim", round_, busy=lambda: more[0] > 0)
+    stop = threading.Event()
+    runner = threading.Thread(target=queue.serve_here, args=(stop,))
+    runner.start()
+    until = threading.Event()
+    try:
+        until.wait(0.3)
+        assert events == []  # idle from the start: nothing to give back
+        queue.post("press")
+        for _ in range(200):
+            if "trim" in events:
+                break
+            until.wait(0.05)
+        until.wait(0.6)  # a poll or more of idling: no second trim
+    finally:
+        stop.set()
+        runner.join(10)
+    assert events == [("round", ["press"]), ("round", []), ("round", []), "trim"]
