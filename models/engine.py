@@ -341,12 +341,14 @@ class SuggestionEngine(Backend):
             # Admit presses until this round has prefilled about _ADMIT_TOKENS new prompt tokens,
             # fewer when a press in flight is near its deadline: a burst of writers must not
             # stall the presses already decoding.
+            # The room is measured again before each admission (it was once a round): the press
+            # just admitted is in flight now, and the next prompt's prefill delays its first
+            # step too.
             prefilled = 0
-            allowed = min(_ADMIT_TOKENS, self.admission_room())
-            while waiting and (prefilled < allowed or not self.batches):
+            while waiting and (not self.batches or (prefilled < _ADMIT_TOKENS and self.admission_room() > 0)):
                 press = waiting.pop(0)
                 try:
-                    admit(self, press)
+                    admit(self, press, alone=not waiting and not self.queue.pending())
                 except Exception as e:  # handed to the waiting caller, who raises it
                     fail(self, [press], e)
                 prefilled += press.result.new_prompt_tokens
@@ -414,8 +416,10 @@ def healed(engine: SuggestionEngine, logits: torch.Tensor, piece: str) -> torch.
     return masked
 
 
-def admit(engine: SuggestionEngine, press: Press) -> None:
-    """Prefill a press's prompt (reusing a cached prefix) and add its rows to a batch."""
+def admit(engine: SuggestionEngine, press: Press, alone: bool = True) -> None:
+    """Prefill a press's prompt (reusing a cached prefix) and add its rows to a batch.
+
+    ``alone``: no other press waits to be admitted, in this round or posted since."""
     ask, result = press.ask, press.result
     engine.pace.queue(-press.new_tokens)
     if ask.watch.cancelled():
@@ -426,7 +430,11 @@ def admit(engine: SuggestionEngine, press: Press) -> None:
     # Never admitted past what its budget allows: were its shortest row not to come in time,
     # its prefill would only delay everybody else's. (press.new_tokens was estimated when it was
     # posted; looking the prefix up again here would walk every cached prompt a second time.)
-    if engine.batches and engine.pace.need_s(press.new_tokens, min(ask.wanted)) > ask.watch.left():
+    # Checked wherever others are there: in a batch, or waiting to be admitted. Only a press
+    # alone is tried whatever the estimate says; before, one that had waited behind others was
+    # let in the moment the batches ran empty, however little of its budget was left, and
+    # could end at its budget with nothing (1 of 60 presses at 20 writers, 2026-12-04).
+    if (engine.batches or not alone) and engine.pace.need_s(press.new_tokens, min(ask.wanted)) > ask.watch.left():
         refuse(press)
         return
     result.prompt_tokens = len(ids)

@@ -471,6 +471,39 @@ def test_a_press_that_cannot_be_answered_within_its_budget_is_refused_before_any
     assert not alone.busy and alone.steps > 0
 
 
+
+def test_a_press_that_waited_behind_others_is_checked_against_its_budget_even_with_no_batch_running(engine):
+    """Two presses wait while the machine is held; when it is free no batch runs yet, but the
+    first is not alone (the second waits behind it): one that can no longer get its shortest
+    row in time is refused "busy" rather than prefilled to end at its budget with nothing."""
+    saved = engine.pace.prefill_s_per_token, engine.pace.step_s
+    engine.pace.prefill_s_per_token, engine.pace.step_s = 0.0, 0.0  # both are let into the queue
+    results = {}
+
+    def press(name, text):
+        results[name] = engine.suggest(text, Settings(lengths=[4], max_time=2.0), seed=0)
+
+    first = threading.Thread(target=press, args=("first", "The quick brown fox"))
+    second = threading.Thread(target=press, args=("second", "Another writer's text"))
+    try:
+        with engine.lock:  # the machine is busy: both wait
+            posted = engine.queue.posted
+            first.start()
+            until = time.monotonic() + 10
+            while engine.queue.posted == posted and time.monotonic() < until:
+                time.sleep(0.001)
+            second.start()
+            while engine.queue.posted < posted + 2 and time.monotonic() < until:
+                time.sleep(0.001)
+            engine.pace.step_s = 0.5  # as measured meanwhile: a 4-token row now needs ~4 s
+        first.join(timeout=60)
+        second.join(timeout=60)
+    finally:
+        engine.pace.prefill_s_per_token, engine.pace.step_s = saved
+    assert results["first"].busy and results["first"].steps == 0 and results["first"].message.startswith("Busy")
+    # The second, alone by then, is tried whatever the estimate says (its budget still cuts it).
+    assert not results["second"].busy and results["second"].steps > 0
+
 # ---------------------------------------------------------------- the prefix KV cache
 
 
