@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import secrets
+import socket
 import time
 import urllib.parse
 from pathlib import Path
@@ -179,3 +180,60 @@ def test_hostile_settings_sizes_are_bounded(app):
     # A lengths list of 200,000 numbers as text: refused by its size, the press runs on defaults.
     texts = client.predict("The weather today is", 0.7, 40, 0.95, "4," * 100_000, 4.0, "", api_name="/suggest")
     assert isinstance(texts, list)
+
+
+def _api_press(url: str, visitor: str, text: str, lengths: str, max_time: float) -> http.client.HTTPConnection:
+    """Post a /suggest call as ``visitor`` and open its result stream, as gradio_client does;
+    returns the stream's connection (closing it hangs up)."""
+    status, payload = post(url, "/gradio_api/call/suggest", {"data": [text, 0.7, 40, 0.95, lengths, max_time, "", ""]},
+                           {"X-Forwarded-For": visitor})
+    assert status == 200, payload[:300]
+    event = json.loads(payload)["event_id"]
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("GET", f"/gradio_api/call/suggest/{event}", headers={"X-Forwarded-For": visitor})
+    conn.getresponse()  # the stream's headers: the call is under way
+    return conn
+
+
+def _third_press_busy(url: str, visitor: str) -> bool:
+    """Whether one more press of ``visitor`` is refused for the presses it has in flight."""
+    client = Client(url, verbose=False, headers={"X-Forwarded-For": visitor})
+    try:
+        client.predict("Good morning", 0.7, 40, 0.95, "2", 4.0, "", "", api_name="/suggest")
+    except Exception as e:  # noqa: BLE001 - gradio_client raises the app's one-line error
+        assert "Busy" in str(e), e
+        return True
+    return False
+
+
+def test_an_api_press_whose_caller_hangs_up_is_called_off(app):
+    """A /suggest caller that closes its connection frees its place at once (issue 11: API
+    presses ran on to their budget). The visitor's limit of 2 presses in flight shows it: while
+    both run, a third is refused "busy"; once their callers hung up, it is answered."""
+    # Counting on: the model goes on counting, so a row of 256 tokens runs its whole length
+    # (6-7 s a press on a 2-core EPYC, every seed tried) rather than ending at a sentence.
+    text = ", ".join(str(n) for n in range(1, 33)) + ","
+    long_rows, budget = "256, 256", 30.0
+    # Control: two presses whose callers stay on are still running three seconds later.
+    kept = [_api_press(app, "192.0.2.60", text, long_rows, budget) for _ in range(2)]
+    time.sleep(3.0)
+    try:
+        assert _third_press_busy(app, "192.0.2.60"), "two long presses should still be running after 3 s"
+    finally:
+        for conn in kept:
+            conn.close()
+    # The same, their callers hanging up after a second: the places are free within those 3 s
+    # (the app asks whether the caller is still there every 0.2 s).
+    started = time.monotonic()
+    hung = [_api_press(app, "192.0.2.61", text, long_rows, budget) for _ in range(2)]
+    time.sleep(1.0)
+    assert _third_press_busy(app, "192.0.2.61")  # running, like the control's
+    for conn in hung:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    freed = False
+    while not freed and time.monotonic() - started < 3.0:
+        time.sleep(0.1)
+        freed = not _third_press_busy(app, "192.0.2.61")
+    assert freed, "the presses whose callers hung up still hold the visitor's places"
