@@ -206,9 +206,12 @@ def _int_mm_levels() -> int:
 def _int8_smooth_run(x, w: SmoothInt8Weight):
     # Each activation row gets its own scale, so one token's outlier does not flatten the
     # others; int8 x int8 -> int32 runs on oneDNN (VNNI where the CPU has it).
+    # In place after the first division (the same values bit for bit): each fresh tensor of a
+    # prompt's size is memory the allocator maps and faults in anew; quantizing 198 x 2048
+    # took 0.41-1.3 ms with two more of them, 0.14 ms without (EPYC, also under the AVX2 cap).
     x = x / w.smooth
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
-    xq = torch.round(x / scale).to(torch.int8)
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+    xq = x.div_(scale).round_().to(torch.int8)
     return torch._int_mm(xq, w.q.t()).float().mul_(scale).mul_(w.scale)
 
 
