@@ -281,12 +281,17 @@ def block_int8(weight: torch.Tensor) -> BlockInt8:
     block = BLOCK if width % BLOCK == 0 else width
     q = torch.empty(weight.shape, dtype=torch.int8)
     scale = torch.empty(out, width // block, dtype=torch.float32)
+    # One chunk-sized buffer for every chunk, worked in place: made at every start, Gemma's
+    # output layer took 0.70-0.89 s with fresh temporaries per chunk and 0.16-0.21 s so (same values).
+    buffer = torch.empty(min(out, _CHUNK_ROWS), width // block, block)
     for start in range(0, out, _CHUNK_ROWS):
         w = weight[start : start + _CHUNK_ROWS].float().view(-1, width // block, block)
+        work = buffer[: w.shape[0]]
         # Q8_0's scale is fp16 d with d * 127 the block's largest value, exact in fp32, so
         # (d * 127) / 127 gives d back and round(value / d) its q: the round trip is exact.
-        s = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
-        q[start : start + _CHUNK_ROWS] = torch.round(w / s[..., None]).clamp_(-127, 127).to(torch.int8).view(-1, width)
+        s = torch.abs(w, out=work).amax(dim=-1).clamp_min_(1e-30).div_(127)
+        torch.div(w, s[..., None], out=work).round_().clamp_(-127, 127)
+        q[start : start + _CHUNK_ROWS] = work.view(-1, width)  # the copy converts to int8
         scale[start : start + _CHUNK_ROWS] = s
     half = scale.half()
     if torch.equal(half.float(), scale):
