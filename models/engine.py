@@ -416,7 +416,7 @@ def healed(engine: SuggestionEngine, logits: torch.Tensor, piece: str) -> torch.
     return masked
 
 
-def admit(engine: SuggestionEngine, press: Press, alone: bool = True) -> None:
+def admit(engine: SuggestionEngine, press: Press, alone: bool) -> None:
     """Prefill a press's prompt (reusing a cached prefix) and add its rows to a batch.
 
     ``alone``: no other press waits to be admitted, in this round or posted since."""

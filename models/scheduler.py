@@ -126,8 +126,12 @@ class Scheduler(Generic[Task]):
         finally:
             with self._wakeup:
                 self._resident = False
-                if (self._waiting or self._busy()) and self._worker is None:  # hand over what is left
+                if self._has_work() and self._worker is None:  # hand over what is left
                     self._start_worker()
+
+    def _has_work(self) -> bool:
+        """Tasks posted, or the round function still busy (called holding ``_wakeup``)."""
+        return bool(self._waiting) or self._busy()
 
     def _start_worker(self) -> None:
         """A worker thread of the queue's own (called holding ``_wakeup``); it ends when idle."""
@@ -154,7 +158,7 @@ class Scheduler(Generic[Task]):
         while True:
             if worked:
                 with self._wakeup:
-                    idle = not self._waiting and not self._busy()
+                    idle = not self._has_work()
                 if idle:  # outside the lock: posting a press never waits for it
                     # Going idle: a Tab press leaves ~105 MB of freed temporaries (prefill's and the
                     # batch's buffers) that glibc keeps, so the app's resident memory sat ~100 MB
@@ -162,7 +166,7 @@ class Scheduler(Generic[Task]):
                     give_back_memory()
                     worked = False
             with self._wakeup:
-                while not self._waiting and not self._busy():
+                while not self._has_work():
                     FOREGROUND.mark(self, False)
                     if self._leaving(stop):
                         return

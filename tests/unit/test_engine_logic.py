@@ -471,7 +471,6 @@ def test_a_press_that_cannot_be_answered_within_its_budget_is_refused_before_any
     assert not alone.busy and alone.steps > 0
 
 
-
 def test_a_press_that_waited_behind_others_is_checked_against_its_budget_even_with_no_batch_running(engine):
     """Two presses wait while the machine is held; when it is free no batch runs yet, but the
     first is not alone (the second waits behind it): one that can no longer get its shortest
@@ -503,6 +502,7 @@ def test_a_press_that_waited_behind_others_is_checked_against_its_budget_even_wi
     assert results["first"].busy and results["first"].steps == 0 and results["first"].message.startswith("Busy")
     # The second, alone by then, is tried whatever the estimate says (its budget still cuts it).
     assert not results["second"].busy and results["second"].steps > 0
+
 
 # ---------------------------------------------------------------- the prefix KV cache
 
