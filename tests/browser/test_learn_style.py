@@ -28,10 +28,10 @@ def test_learn_my_style_from_the_editor_text_then_use_it_and_delete_it(page):
     key = page.evaluate("window.localStorage.getItem('tabwrite:style-key')")
     assert key and len(key) >= 16
     # Tab now suggests from the style, and the text is untouched.
-    page.click(TEXTAREA)
-    page.keyboard.press("End")
+    # At the end of the text: type_into_editor clicks, which puts the caret where the click lands.
+    page.focus(TEXTAREA)
     page.keyboard.press("Control+End")
-    type_into_editor(page, "\n\nI had seen little of Holmes lately. My")
+    page.keyboard.insert_text("\n\nI had seen little of Holmes lately. My")
     options = tab_and_wait(page)
     assert len(options) >= 3
     assert "gemma-3-270m+doyle" in page.inner_text("#editor .tw-status")
