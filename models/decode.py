@@ -13,21 +13,28 @@ tests/unit/test_decode.py checks it gives transformers' logits on tiny Gemma 3 a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.kernels import TunedLinear
+
+
+# A Linear as the step calls it: fp32 [rows, in] -> [rows, out].
+Matmul = Callable[[torch.Tensor], torch.Tensor]
+
 
 @dataclass
 class _Layer:
-    q: nn.Module
-    k: nn.Module
-    v: nn.Module
-    o: nn.Module
-    gate: nn.Module
-    up: nn.Module
-    down: nn.Module
+    q: Matmul
+    k: Matmul
+    v: Matmul
+    o: Matmul
+    gate: Matmul
+    up: Matmul
+    down: Matmul
     norms: list[torch.Tensor]  # scales of: input, [q, k,] post-attention / pre-MLP, [pre-MLP, post-MLP]
     rope: int  # index into Plan.inv_freq
 
@@ -40,7 +47,7 @@ class Plan:
     layers: list[_Layer]
     embed: nn.Module
     final_norm: torch.Tensor
-    lm_head: nn.Module
+    lm_head: Matmul
     inv_freq: list[torch.Tensor]
     rope_scaling: list[float]
     heads: int
@@ -58,6 +65,21 @@ def _scale(norm: nn.Module, gemma: bool) -> torch.Tensor:
         return fused
     weight = norm.weight.detach().float()
     return (1.0 + weight) if gemma else weight
+
+
+def _direct(linear: nn.Module) -> Matmul:
+    """``linear`` as the step calls it. A TunedLinear's few-rows way is called straight, not
+    through nn.Module's call and TunedLinear.forward's reshapes and casts: ~5 us less a call,
+    127 calls a step (~0.6 ms of a ~19 ms step at batch 3 on an EPYC). Past its few rows (many
+    writers in one batch) it runs as the layer would."""
+    if not isinstance(linear, TunedLinear) or linear.bias is not None:
+        return linear
+    run, weight, few = linear._few_run, linear.few_weight, linear.few_rows
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return run(x, weight) if x.shape[0] <= few else linear(x)
+
+    return call
 
 
 def plan_for(model: nn.Module) -> Plan | None:
@@ -101,12 +123,12 @@ def _build(model: nn.Module, gemma: bool) -> Plan | None:
                       _scale(layer.pre_feedforward_layernorm, gemma), _scale(layer.post_feedforward_layernorm, gemma)]
         else:
             norms += [_scale(layer.post_attention_layernorm, gemma)]
-        layers.append(_Layer(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
-                             norms, rope_of[i]))
+        matmuls = [_direct(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        layers.append(_Layer(*matmuls, norms, rope_of[i]))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     scaling_attn = config.query_pre_attn_scalar ** -0.5 if gemma else head_dim ** -0.5
     return Plan(
-        gemma, layers, inner.embed_tokens, _scale(inner.norm, gemma), model.lm_head, inv_freq, scaling,
+        gemma, layers, inner.embed_tokens, _scale(inner.norm, gemma), _direct(model.lm_head), inv_freq, scaling,
         config.num_attention_heads, config.num_key_value_heads, head_dim, scaling_attn, float(config.rms_norm_eps),
         getattr(config, "final_logit_softcapping", None),
     )
@@ -116,9 +138,12 @@ def _norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), scale, eps)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1). The
+    halves swapped by one roll and the minus moved into the sine (``signed_sin`` = (-sin1, sin2)):
+    the same values bit for bit ((-a) * b == a * (-b)), in 4 ops instead of 7 (10.1 -> 6.4 us for
+    a [3, 4, 256] query on an EPYC; 36 a step)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @torch.inference_mode()
@@ -126,12 +151,14 @@ def step(plan: Plan, cache, tokens: torch.Tensor, positions: torch.Tensor, mask:
     """One token for each row: tokens [B] at ``positions`` [B], attending where ``mask`` [B, 1, 1, W] is
     True (W: the cache's length plus this token). Appends to ``cache``; returns logits [B, V] (fp32)."""
     rows, eps = tokens.shape[0], plan.eps
-    x = plan.embed(tokens[:, None]).float()  # [B, 1, H]; Gemma's embedding scales itself
+    x = plan.embed(tokens).float()  # [B, H]; Gemma's embedding scales itself
     tables = []
     for inv_freq, scaling in zip(plan.inv_freq, plan.rope_scaling):
         freqs = positions[:, None].float() * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [B, 1, D]: broadcasts over heads
-        tables.append((emb.cos() * scaling, emb.sin() * scaling))
+        sin = emb.sin() * scaling
+        half = sin.shape[-1] // 2
+        tables.append((emb.cos() * scaling, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)))
     group = plan.heads // plan.kv_heads
     for index, layer in enumerate(plan.layers):
         cos, sin = tables[layer.rope]
@@ -147,7 +174,7 @@ def step(plan: Plan, cache, tokens: torch.Tensor, positions: torch.Tensor, mask:
         out = F.scaled_dot_product_attention(
             q.view(rows, plan.kv_heads, group, plan.head_dim), keys, values, attn_mask=mask, scale=plan.scaling
         )
-        attn = layer.o(out.reshape(rows, 1, plan.heads * plan.head_dim))
+        attn = layer.o(out.reshape(rows, plan.heads * plan.head_dim))
         if plan.gemma:
             x = x + _norm(attn, layer.norms[3], eps)
             h = _norm(x, layer.norms[4], eps)
@@ -156,7 +183,7 @@ def step(plan: Plan, cache, tokens: torch.Tensor, positions: torch.Tensor, mask:
             x = x + attn
             h = _norm(x, layer.norms[1], eps)
             x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
-    logits = plan.lm_head(_norm(x, plan.final_norm, eps))[:, -1, :].float()
+    logits = plan.lm_head(_norm(x, plan.final_norm, eps)).float()
     if plan.softcap is not None:
         logits = torch.tanh(logits / plan.softcap) * plan.softcap
     return logits

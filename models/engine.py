@@ -466,7 +466,7 @@ def admit(engine: SuggestionEngine, press: Press, alone: bool) -> None:
     else:
         batch = Batch(engine.model.config, engine.cache_limit - 1)
         engine.batches.append(batch)
-    batch.kv.add(cache, len(ids), rows)
+    batch.kv.add(cache, len(ids), rows, max([press.max_steps] + [p.remaining() for p in batch.presses()]))
     batch.logits = logits if batch.logits is None else torch.cat([batch.logits, logits.to(batch.logits.dtype)])
     batch.owners += [(press, r) for r in range(rows)]
 

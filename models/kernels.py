@@ -118,7 +118,8 @@ def _onednn_available() -> bool:
 
 
 def _fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
+    engines = torch.backends.quantized.supported_engines
+    return _LINEAR_FP16 is not None and _LINEAR_INT8 is not None and ("fbgemm" in engines or "x86" in engines)
 
 
 def _onednn_prepare(dtype: torch.dtype, rows_hint: int = 3):
@@ -140,6 +141,19 @@ def _onednn_run(dtype: torch.dtype):
 
 _PACK_ROWS = 32768  # rows per slice where a library packs a weight on one thread
 
+# fbgemm's ops called through their one overload: ``torch.ops.quantized.linear_dynamic_fp16(...)``
+# first walks its arguments in Python looking for fake script objects (its weight is a torchbind
+# object), ~4 us a call, ~140 calls a decode step; the overload goes straight to C++.
+def _overload(name: str):
+    try:
+        return getattr(torch.ops.quantized, name).default
+    except (AttributeError, RuntimeError):  # a build without quantized ops: these ways are never available
+        return None
+
+
+_LINEAR_FP16 = _overload("linear_dynamic_fp16")
+_LINEAR_INT8 = _overload("linear_dynamic")
+
 
 def _fp16_prepare(weight, act_absmax=None):
     # fbgemm converts to fp16 one element at a time on one thread: 3.3 s for Gemma's 168M-weight
@@ -156,8 +170,8 @@ def _fp16_prepare(weight, act_absmax=None):
 
 def _fp16_run(x, packed):
     if len(packed) == 1:
-        return torch.ops.quantized.linear_dynamic_fp16(x, packed[0])
-    return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed], dim=-1)
+        return _LINEAR_FP16(x, packed[0])
+    return torch.cat([_LINEAR_FP16(x, p) for p in packed], dim=-1)
 
 
 @dataclass
@@ -251,9 +265,9 @@ def _fbgemm_int8(w: Int8Weight) -> list:
 
 def _fbgemm_int8_run(x: torch.Tensor, packed: list, reduce_range: bool) -> torch.Tensor:
     if len(packed) == 1:
-        return torch.ops.quantized.linear_dynamic(x, packed[0], reduce_range)
+        return _LINEAR_INT8(x, packed[0], reduce_range)
     # The same activation scale for every slice: it is taken from x alone.
-    return torch.cat([torch.ops.quantized.linear_dynamic(x, p, reduce_range) for p in packed], dim=-1)
+    return torch.cat([_LINEAR_INT8(x, p, reduce_range) for p in packed], dim=-1)
 
 
 @dataclass

@@ -8,6 +8,8 @@ import torch
 from transformers import DynamicCache
 
 from models import decode
+from models.kernels import KERNELS
+from models.tuning import apply, linear_groups
 from models.batching import BatchKV, GrowingCache
 from models.steps import prefill
 from tests.unit.test_batching import VOCAB, tiny
@@ -23,8 +25,14 @@ def batch(model, prompts: list[list[int]]) -> BatchKV:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_the_written_out_step_gives_transformers_logits(kind):
+@pytest.mark.parametrize("ways", [None, "fp16-fbgemm"])
+def test_the_written_out_step_gives_transformers_logits(kind, ways):
     model = tiny(kind)
+    if ways is not None:  # the layers as the app runs them on a CPU (the step calls their way directly)
+        if not KERNELS[ways].available():
+            pytest.skip(f"{ways} is not in this torch build")
+        groups = linear_groups(model)
+        apply(groups, {g.key: {"few": ways, "many": "fp32"} for g in groups}, {}, release=False)
     assert decode.plan_for(model) is not None
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 11)]
