@@ -94,13 +94,16 @@ def main(argv=None) -> int:
     demo = build_demo(service)
     from starlette.middleware import Middleware
 
-    from editor.guard import BodyLimit, RequestRate, max_request_bytes
+    from editor.guard import BodyLimit, RequestRate, UploadLimit, max_request_bytes
 
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
         # Every request's body is bounded before Gradio reads it, and each visitor's rate of
-        # requests (editor/guard.py); uploads too.
-        app_kwargs={"middleware": [Middleware(RequestRate), Middleware(BodyLimit, max_bytes=max_request_bytes())]},
+        # requests (editor/guard.py); uploads too, and they are refused where no feature takes them.
+        app_kwargs={"middleware": [
+            Middleware(RequestRate), Middleware(BodyLimit, max_bytes=max_request_bytes()),
+            Middleware(UploadLimit, enabled=service.styles.enabled),
+        ]},
         max_file_size=max_request_bytes(),
     )
     try:

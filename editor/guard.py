@@ -1,5 +1,5 @@
-"""Limits at the HTTP layer, before Gradio parses anything: the size of a request's body, and
-how many requests one visitor sends.
+"""Limits at the HTTP layer, before Gradio parses anything: the size of a request's body, how
+many requests one visitor sends, and uploads (``UploadLimit``, at the end).
 
 Gradio puts no limit on a request body: a 500 MB JSON text would be read, parsed and handed
 to a handler. Every route here (server functions, the API, the queue, uploads) goes through
@@ -35,6 +35,66 @@ class _TooLarge(Exception):
     pass
 
 
+def _declared_length(scope) -> int | None:
+    """The body's length as the request says it (Content-Length), or None (chunked, or nonsense)."""
+    length = dict(scope.get("headers") or []).get(b"content-length")
+    try:
+        return int(length) if length is not None else None
+    except ValueError:
+        return None
+
+
+async def _answer(send, status: int, line: str, headers: tuple = ()) -> None:
+    """A JSON answer {"error": line}."""
+    body = json.dumps({"error": line}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _bounded(app, scope, receive, send, max_bytes: int, refuse) -> int:
+    """Run ``app`` with its request body cut off past ``max_bytes``; then the client gets
+    ``refuse(send)``, whatever the app made of the cut (FastAPI answers a body it could not read
+    with its own 400 "error parsing the body", so a chunked 8 MB body got 400, not 413).
+    Returns the body's bytes received."""
+    received = 0
+    over = started = refused = False
+
+    async def counted_receive():
+        nonlocal received, over
+        message = await receive()
+        if message.get("type") == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                over = True
+                raise _TooLarge
+        return message
+
+    async def watched_send(message):
+        nonlocal started, refused
+        if over and not started:  # the app's answer to a body it did not get whole: ours instead
+            started = refused = True
+            await refuse(send)
+        if refused:
+            return
+        if message.get("type") == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, counted_receive, watched_send)
+    except _TooLarge:
+        pass
+    if over and not started:
+        await refuse(send)
+    return received
+
+
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets 413, whether it says its length
     (Content-Length, refused before reading) or not (chunked, refused once past the limit)."""
@@ -45,49 +105,13 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        try:
-            declared = int(length) if length is not None else None
-        except ValueError:
-            declared = None
+        declared = _declared_length(scope)
         if declared is not None and declared > self.max_bytes:
             return await self._refuse(send)
-        received = 0
-        started = False
-
-        async def counted_receive():
-            nonlocal received
-            message = await receive()
-            if message.get("type") == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def watched_send(message):
-            nonlocal started
-            if message.get("type") == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, watched_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        await _bounded(self.app, scope, receive, send, self.max_bytes, self._refuse)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps(
-            {"error": f"Request too large: the limit is {self.max_bytes // 1024} KB (TABWRITE_MAX_REQUEST_BYTES)."}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 413, f"Request too large: the limit is {self.max_bytes // 1024} KB (TABWRITE_MAX_REQUEST_BYTES).")
 
 
 # A writer's editor sends at most ~9 POSTs a second (a Tab press, then a progress poll every
@@ -110,6 +134,13 @@ def visitor_address(host: str, forwarded: str) -> str:
         entries = [h.strip() for h in forwarded.split(",") if h.strip()]
         host = entries[-1] if entries else host
     return host[:64] or "unknown"
+
+
+def _scope_visitor(scope) -> str:
+    """visitor_address for an ASGI request."""
+    headers = dict(scope.get("headers") or [])
+    client = scope.get("client") or ("", 0)
+    return visitor_address(str(client[0] or ""), headers.get(b"x-forwarded-for", b"").decode("latin-1"))
 
 
 def _env_float(name: str, default: float) -> float:
@@ -144,18 +175,108 @@ class RequestRate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or self.rate <= 0:
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        client = scope.get("client") or ("", 0)
-        visitor = visitor_address(str(client[0] or ""), headers.get(b"x-forwarded-for", b"").decode("latin-1"))
-        if self.allow(visitor):
+        if self.allow(_scope_visitor(scope)):
             return await self.app(scope, receive, send)
-        body = json.dumps({"error": TOO_MANY.format(rate=self.rate)}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 429,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", b"1")],
-            }
+        await _answer(send, 429, TOO_MANY.format(rate=self.rate), ((b"retry-after", b"1"),))
+
+
+# ---------------------------------------------------------------- uploads
+# Gradio's upload route is open on every app, whether or not its page has a file box; it
+# stores what it gets and answers with the server path, and nothing removed it: one address at
+# the request rate (15 a second of 3 MB) fills 45 MB of disk a second. The only user of uploads
+# is "Learn my style" (its .txt/.md box, editor/ui.py), so where that is off the route is
+# refused; where it is on, each visitor, and the whole server, get a budget of bytes that
+# refills over $TABWRITE_UPLOAD_KEEP_S, and Gradio deletes each upload once it is that old
+# (editor/ui.py, gr.Blocks(delete_cache=upload_sweep())): at most about twice
+# $TABWRITE_UPLOAD_BYTES on disk.
+
+UPLOAD_PATHS = ("/gradio_api/upload", "/gradio_api/process_recording")  # every route that takes files
+DEFAULT_UPLOAD_KEEP_S = 3600.0  # an upload is read when "Learn my style" is pressed, minutes after
+DEFAULT_UPLOAD_BYTES_PER_VISITOR = 8 * 2**20  # a style reads 60,000 characters, of at most 20 files
+DEFAULT_UPLOAD_BYTES = 256 * 2**20  # the whole server's
+UPLOADS_OFF = "Uploads are off on this server: only Learn my style takes files, and it is off here (--personalize)."
+UPLOADED_TOO_MUCH = "Too much uploaded from your address: at most {mb:.3g} MB {span}. Try again later."
+SERVER_UPLOADED_TOO_MUCH = "Too much uploaded to this server: at most {mb:.3g} MB {span} from everyone. Try again later."
+
+
+def upload_keep_s() -> float:
+    return max(1.0, _env_float("TABWRITE_UPLOAD_KEEP_S", DEFAULT_UPLOAD_KEEP_S))
+
+
+def upload_sweep() -> tuple[int, int]:
+    """gr.Blocks' delete_cache: (how often to look, how old an upload may get), in seconds."""
+    keep = int(upload_keep_s())
+    return max(1, min(600, keep // 6)), keep
+
+
+def is_upload(path: str) -> bool:
+    return path.rstrip("/").endswith(UPLOAD_PATHS)
+
+
+def _span(seconds: float) -> str:
+    return "an hour" if seconds == 3600 else f"every {seconds:g} s"
+
+
+class UploadLimit:
+    """ASGI middleware for the routes that take files (UPLOAD_PATHS): refused (403, one line)
+    unless ``enabled``; then each visitor may upload ``per_visitor`` bytes and everybody together
+    ``total`` bytes, each budget refilling over ``keep_s``; past it, 429 and one line."""
+
+    def __init__(self, app, enabled: bool, per_visitor: float | None = None, total: float | None = None,
+                 keep_s: float | None = None):
+        self.app, self.enabled = app, enabled
+        self.per_visitor = (
+            _env_float("TABWRITE_UPLOAD_BYTES_PER_VISITOR", DEFAULT_UPLOAD_BYTES_PER_VISITOR) if per_visitor is None else per_visitor
         )
-        await send({"type": "http.response.body", "body": body})
+        self.total = _env_float("TABWRITE_UPLOAD_BYTES", DEFAULT_UPLOAD_BYTES) if total is None else total
+        self.keep_s = upload_keep_s() if keep_s is None else keep_s
+        self._visitors: OrderedDict[str, tuple[float, float]] = OrderedDict()  # visitor -> (bytes left, when)
+        self._server: tuple[float, float | None] = (self.total, None)  # (bytes left, when); None: never used
+
+    def _left(self, level: tuple[float, float | None], cap: float, now: float) -> float:
+        left, then = level
+        return cap if then is None else min(cap, left + (now - then) * cap / self.keep_s)
+
+    def room(self, visitor: str, now: float | None = None) -> tuple[float, str]:
+        """Bytes ``visitor`` may upload now, and the line to refuse with past them."""
+        now = time.monotonic() if now is None else now
+        mine = self._left(self._visitors.get(visitor, (self.per_visitor, now)), self.per_visitor, now)
+        everyone = self._left(self._server, self.total, now)
+        if everyone < mine:
+            return everyone, SERVER_UPLOADED_TOO_MUCH.format(mb=self.total / 2**20, span=_span(self.keep_s))
+        return mine, UPLOADED_TOO_MUCH.format(mb=self.per_visitor / 2**20, span=_span(self.keep_s))
+
+    def charge(self, visitor: str, n: float, now: float | None = None) -> None:
+        """Take ``n`` bytes from ``visitor``'s budget and the server's (negative: give them back).
+        (ASGI runs on one event loop thread: no lock needed.)"""
+        now = time.monotonic() if now is None else now
+        mine = self._left(self._visitors.pop(visitor, (self.per_visitor, now)), self.per_visitor, now)
+        self._visitors[visitor] = (mine - n, now)
+        self._server = (self._left(self._server, self.total, now) - n, now)
+        while len(self._visitors) > MAX_VISITORS_TRACKED:
+            self._visitors.popitem(last=False)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or not is_upload(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        if not self.enabled:
+            return await _answer(send, 403, UPLOADS_OFF)
+        visitor = _scope_visitor(scope)
+        room, line = self.room(visitor)
+        declared = _declared_length(scope)
+
+        async def refuse(send):
+            await _answer(send, 429, line, ((b"retry-after", b"60"),))
+
+        if room < 1 or (declared is not None and declared > room):
+            return await refuse(send)
+        # Taken before it is read, so that uploads at once cannot each spend the same budget; a
+        # body that did not say its length gives back what it did not use.
+        reserved = declared if declared is not None else room
+        self.charge(visitor, reserved)
+        received = 0
+        try:
+            received = await _bounded(self.app, scope, receive, send, int(reserved), refuse)
+        finally:
+            if declared is None:
+                self.charge(visitor, min(received, reserved) - reserved)

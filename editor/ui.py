@@ -5,6 +5,7 @@ Layout only; what happens on a Tab press lives in editor/service.py and models/.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
@@ -15,13 +16,16 @@ import gradio as gr
 from editor import service as handlers
 from editor import styles
 from editor.documents import DocumentStore
-from editor.guard import visitor_address
+from editor.guard import upload_sweep, visitor_address
 from editor.service import MAX_AFTER_CHARS, SuggestService
 from models.core import EngineError
 from models.registry import EMBEDDED, ModelLoadError, ModelNotFound
 from models.settings import LIMITS, Settings, validate
 
 HERE = Path(__file__).parent
+# API presses running at once (/suggest; more wait in Gradio's queue), on threads of their own:
+# more than bench.load's 20 writers, fewer than the 40 places of Gradio's queue.
+API_PRESSES = 24
 DEFAULTS = Settings()
 # "Learn my style" sends what only the browser has: the editor's text, the ids of the documents
 # saved from this browser (editor.js keeps them in local storage), and this browser's styles' key.
@@ -209,7 +213,9 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
 
     def score(text: str, model: str = "", request: gr.Request = None) -> dict:
         """Perplexity, bits per character and each token's probability, rank and top alternatives."""
-        return _or_raise(service.score(text or "", model or None, caller_gone=_event_gone(demo, request)))
+        return _or_raise(
+            service.score(text or "", model or None, caller_gone=_event_gone(demo, request), visitor=_visitor_of(request))
+        )
 
     def cancel_suggestions(args, request: gr.Request) -> bool:
         service.cancel(_session_of(request))
@@ -244,7 +250,14 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             text += " " + "; ".join(notes) + "."
         return text
 
-    def suggest(
+    # API presses run on threads of their own. Gradio runs every plain function (queued events,
+    # and the editor's server functions: its presses, progress polls and cancels) on anyio's one
+    # pool of 40 threads; with /suggest let in 64 at once, 20 addresses x 2 presses could hold
+    # all 40 for their whole budget (up to 30 s): behind 30 addresses' 20-s presses a writer's
+    # progress poll waited 8.8 s, now 0.01 s (tests/security/test_public.py).
+    api_threads = anyio.CapacityLimiter(API_PRESSES)
+
+    async def suggest(
         text: str,
         temperature: float = DEFAULTS.temperature,
         top_k: int = DEFAULTS.top_k,
@@ -259,6 +272,12 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
 
         after: text after the caret, if any: candidates that fit it are ranked first.
         """
+        return await anyio.to_thread.run_sync(
+            functools.partial(api_press, text, temperature, top_k, top_p, lengths, max_time, model, after, request),
+            limiter=api_threads,
+        )
+
+    def api_press(text, temperature, top_k, top_p, lengths, max_time, model, after, request) -> list[str]:
         settings, _ = validate(
             {"temperature": temperature, "top_k": top_k, "top_p": top_p, "lengths": lengths, "max_time": max_time}
         )
@@ -373,7 +392,9 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         model_choices = [(f"{name} — {EMBEDDED[name][0]}" if name in EMBEDDED else name, name) for name in service.models]
         model_info = "The models this app offers (its operator lists them: --models)."
 
-    with gr.Blocks(title="tabwrite") as demo:
+    # Uploads (only "Learn my style" takes them) are deleted once TABWRITE_UPLOAD_KEEP_S old:
+    # Gradio kept every one until the app stopped (editor/guard.py UploadLimit).
+    with gr.Blocks(title="tabwrite", delete_cache=upload_sweep()) as demo:
         gr.Markdown("## tabwrite\nWrite, press **Tab**, pick a continuation with the arrows and **Enter**.")
         with gr.Row():
             with gr.Column(scale=3):
@@ -468,8 +489,9 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
                       js="(key, model) => [window.localStorage.getItem('tabwrite:style-key') || '', model]")
             style_key.change(None, style_key, None, js="(key) => { if (key) window.localStorage.setItem('tabwrite:style-key', key); }")
         # The engine batches presses that arrive together and keeps each within its time budget,
-        # so let many in at once instead of queueing them behind Gradio's default limit.
-        gr.api(suggest, api_name="suggest", concurrency_limit=64)
+        # so let many in at once instead of queueing them behind Gradio's default limit; but
+        # fewer than the queue's 40 places, so that the page's own events still find one.
+        gr.api(suggest, api_name="suggest", concurrency_limit=API_PRESSES)
         gr.api(score, api_name="score")
         gr.api(save, api_name="save")
         gr.api(load, api_name="load")

@@ -2,7 +2,9 @@
 
 The app runs as the README starts it, with TABWRITE_TRUST_PROXY=1 so that each test visitor
 can be told apart by the X-Forwarded-For header a proxy such as Spaces' would set (on
-127.0.0.1 every client has the same address). Each test is an attack and its safe outcome.
+127.0.0.1 every client has the same address), and with --no-personalize, as on a public host
+(where "Learn my style" is off unless the operator turns it on). Each test is an attack and
+its safe outcome.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import http.client
 import importlib.util
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -30,7 +33,7 @@ STARTUP_TIMEOUT_S = 600
 def app(tmp_path_factory):
     os.environ["TABWRITE_TRUST_PROXY"] = "1"  # read by the app's process, which inherits it
     try:
-        with running_app([], tmp_path_factory.mktemp("public"), STARTUP_TIMEOUT_S, "app.py", poll_s=1) as url:
+        with running_app(["--no-personalize"], tmp_path_factory.mktemp("public"), STARTUP_TIMEOUT_S, "app.py", poll_s=1) as url:
             yield url
     finally:
         os.environ.pop("TABWRITE_TRUST_PROXY", None)
@@ -100,13 +103,16 @@ def test_a_huge_body_is_refused_before_it_is_read(app):
     assert response.status == 413
     assert "too large" in json.loads(response.read())["error"]
     conn.close()
-    # A body that does not say its length is cut off at the limit as it arrives.
+    # A body that does not say its length is cut off at the limit as it arrives, with the same
+    # answer (Gradio's FastAPI turned the cut into its own 400 "error parsing the body").
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     conn.request(
         "POST", "/gradio_api/call/score", body=iter([b'{"data": ["' + b"x" * 2**20] * 8), encode_chunked=True,
         headers={"Content-Type": "application/json"},
     )
-    assert conn.getresponse().status in (400, 413)
+    response = conn.getresponse()
+    assert response.status == 413
+    assert "too large" in json.loads(response.read())["error"]
     conn.close()
 
 
@@ -175,11 +181,52 @@ def test_one_visitor_cannot_run_more_than_a_few_presses_at_once(app):
     assert other.get("suggestions") and not other.get("busy"), other
 
 
+# Counting on: the model goes on counting, so a long row runs to its target length rather
+# than ending at a sentence.
+COUNTING = ", ".join(str(n) for n in range(1, 33)) + ","
+
+
+def settings_panel(url: str, lengths: str, visitor: str) -> str:
+    """Type ``lengths`` into the settings panel's lengths box, as the page does (Gradio's queue):
+    the panel's status line."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", "/config")
+    config = json.loads(conn.getresponse().read())
+    conn.close()
+    box = next(c["id"] for c in config["components"] if c.get("props", {}).get("label") == "Suggestion lengths (tokens)")
+    event = next(d for d in config["dependencies"] if [box, "change"] in d["targets"])
+    session = secrets.token_hex(8)
+    data = ["gemma-3-270m", 0.7, 40, 0.95, lengths, 4.0, 384, True, 0.0]
+    status, payload = post(url, "/gradio_api/queue/join", {"data": data, "fn_index": event["id"], "session_hash": session,
+                                                          "event_data": None, "trigger_id": box}, {"X-Forwarded-For": visitor})
+    assert status == 200, payload[:300]
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("GET", f"/gradio_api/queue/data?session_hash={session}", headers={"X-Forwarded-For": visitor})
+    stream = conn.getresponse()
+    try:
+        for line in stream:
+            if line.startswith(b"data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message["output"]["data"][0]
+    finally:
+        conn.close()
+    raise AssertionError("the settings panel did not answer")
+
+
 def test_hostile_settings_sizes_are_bounded(app):
+    # A lengths list of 100,000 values as text: refused by its size (models/settings.py
+    # MAX_LENGTHS), before it is parsed; the panel says so in one line that quotes 40 characters
+    # of it, and uses the default lengths. (Taken as given, the press asks 256 tokens of every row.)
+    hostile = "256," * 100_000
+    line = settings_panel(app, hostile, "198.51.100.20")
+    assert "lengths 4/12/32" in line and "\n" not in line, line[:300]
+    note = re.search(r"lengths: (.*) is not a list of at most 8 numbers, using \[4, 12, 32\]", line)
+    assert note and len(note.group(1)) <= 40, line[:300]
+    # The API reads the same settings, and answers.
     client = Client(app, verbose=False)
-    # A lengths list of 200,000 numbers as text: refused by its size, the press runs on defaults.
-    texts = client.predict("The weather today is", 0.7, 40, 0.95, "4," * 100_000, 4.0, "", api_name="/suggest")
-    assert isinstance(texts, list)
+    assert client.predict(COUNTING, 0.7, 40, 0.95, hostile, 4.0, "", api_name="/suggest")
 
 
 def _api_press(url: str, visitor: str, text: str, lengths: str, max_time: float) -> http.client.HTTPConnection:
@@ -192,7 +239,7 @@ def _api_press(url: str, visitor: str, text: str, lengths: str, max_time: float)
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     conn.request("GET", f"/gradio_api/call/suggest/{event}", headers={"X-Forwarded-For": visitor})
-    conn.getresponse()  # the stream's headers: the call is under way
+    conn.stream = conn.getresponse()  # the stream's headers: the call is under way
     return conn
 
 
@@ -211,9 +258,9 @@ def test_an_api_press_whose_caller_hangs_up_is_called_off(app):
     """A /suggest caller that closes its connection frees its place at once (issue 11: API
     presses ran on to their budget). The visitor's limit of 2 presses in flight shows it: while
     both run, a third is refused "busy"; once their callers hung up, it is answered."""
-    # Counting on: the model goes on counting, so a row of 256 tokens runs its whole length
-    # (6-7 s a press on a 2-core EPYC, every seed tried) rather than ending at a sentence.
-    text = ", ".join(str(n) for n in range(1, 33)) + ","
+    # Counting on: a row of 256 tokens runs its whole length (6-7 s a press on a 2-core EPYC,
+    # every seed tried) rather than ending at a sentence.
+    text = COUNTING
     long_rows, budget = "256, 256", 30.0
     # Control: two presses whose callers stay on are still running three seconds later.
     kept = [_api_press(app, "192.0.2.60", text, long_rows, budget) for _ in range(2)]
@@ -237,3 +284,84 @@ def test_an_api_press_whose_caller_hangs_up_is_called_off(app):
         time.sleep(0.1)
         freed = not _third_press_busy(app, "192.0.2.61")
     assert freed, "the presses whose callers hung up still hold the visitor's places"
+
+
+def upload(url: str, visitor: str, content: bytes, name: str = "my-writing.txt") -> tuple[int, bytes]:
+    """Post one file to Gradio's upload route as a browser's file box does, as ``visitor``."""
+    boundary = secrets.token_hex(12)
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+        "Content-Type: text/plain\r\n\r\n"
+    ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return post(url, "/gradio_api/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                                   "X-Forwarded-For": visitor})
+
+
+def test_the_upload_route_is_refused_where_nothing_takes_files(app):
+    # Gradio's upload route is open on every app and stored each file until the app stopped: at
+    # the request rate, one address could fill 45 MB of disk a second. Only "Learn my style"
+    # takes files, and it is off here.
+    status, body = upload(app, "198.51.100.40", b"my writing " * 1000)
+    assert status == 403, body[:300]
+    line = json.loads(body)["error"]
+    assert line.startswith("Uploads are off on this server") and "\n" not in line
+
+
+def test_api_presses_from_many_addresses_leave_the_editor_its_threads(app):
+    # 30 addresses, each with the two long /suggest presses it may run: 60, more than the 40
+    # threads Gradio runs plain functions on. With 64 let in at once, once 40 were running the
+    # editor's own calls (a progress poll, a cancel) waited for a thread until a press ended
+    # (its budget: 20 s here), and so did the attacker's further requests.
+    editor = editor_id(app)
+    visitors = [f"198.51.100.{100 + n}" for n in range(30) for _ in range(2)]
+    pool = concurrent.futures.ThreadPoolExecutor(16)
+    sent = [pool.submit(_api_press, app, visitor, COUNTING, "2, 256", 20.0) for visitor in visitors]
+    try:
+        concurrent.futures.wait(sent, timeout=10)  # under way: all of them, or 40 and the rest waiting for a thread
+        time.sleep(1.0)
+        waited = {}
+        for name in ("suggestion_progress", "cancel_suggestions"):
+            started = time.monotonic()
+            body = {"session_hash": "calm-threads", "component_id": editor, "fn_name": name, "data": {}}
+            status, payload = post(app, "/gradio_api/component_server/", body, {"X-Forwarded-For": "192.0.2.140"})
+            waited[name] = time.monotonic() - started
+            assert status == 200, payload[:300]
+        calls_done = time.monotonic()
+        # The first press was still running meanwhile: its answer comes well after the calls above.
+        first = sent[0].result(timeout=60).stream
+        while True:
+            line = first.readline()
+            if not line or line.startswith((b"event: complete", b"event: error")):
+                break
+        ran_until = time.monotonic()
+    finally:
+        for future in sent:  # hang up: the app calls the rest off (see the test below)
+            try:
+                conn = future.result(timeout=60)
+                conn.sock.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except Exception:  # noqa: BLE001 - a press that never got under way has nothing to hang up
+                pass
+        pool.shutdown()
+    print(f"the editor's calls waited {waited}; the first API press ended {ran_until - calls_done:.1f} s after them")
+    assert all(s < 3.0 for s in waited.values()), waited
+    assert ran_until - calls_done > 3.0, "the API presses ended too soon to have held anything"
+
+
+def test_one_visitor_holds_one_scoring_place_and_others_still_score(app):
+    # A model scores one text at a time with two waiting (models/scoring.py): one visitor's three
+    # /score calls at once held all three places, and everybody else was "busy".
+    hog = Client(app, verbose=False, headers={"X-Forwarded-For": "198.51.100.90"})
+    jobs = [hog.submit("word " * 4000, "", api_name="/score") for _ in range(3)]
+    time.sleep(1.5)  # all three are in
+    other = Client(app, verbose=False, headers={"X-Forwarded-For": "192.0.2.91"})
+    assert other.predict("The quick brown fox jumps over the lazy dog.", "", api_name="/score")["perplexity"] > 1
+    answers = []
+    for job in jobs:
+        try:
+            answers.append(job.result(timeout=300))
+        except Exception as e:  # noqa: BLE001 - gradio_client raises the app's one-line error
+            answers.append(str(e))
+    scored = [a for a in answers if isinstance(a, dict) and a.get("perplexity")]
+    busy = [a for a in answers if isinstance(a, str) and "Busy: your other scoring is still running" in a]
+    assert len(scored) == 1 and len(busy) == 2, answers
