@@ -21,6 +21,8 @@ Made to be hosted in public (issue 11):
   (``$TABWRITE_SAVES_PER_DOC_PER_MIN``, default 60) and new documents per minute on the whole
   server (``$TABWRITE_NEW_DOCS_PER_MIN``, default 60) and per visitor
   (``$TABWRITE_NEW_DOCS_PER_VISITOR_PER_MIN``, default 10: one visitor cannot use up everybody's);
+  the bytes one visitor's saves add to the store (``$TABWRITE_DOC_BYTES_PER_VISITOR_PER_HOUR``,
+  default 10 MB, refilling over the hour: see ``_ByteBudget``);
   the whole store (``$TABWRITE_MAX_STORE_BYTES``, default 1 GB of database file: new documents,
   and saves that make one longer, are refused past it; a save that does not grow still works).
   Anything else gets a clear one-line ``DocumentError``, never a TypeError.
@@ -46,11 +48,17 @@ SAVES_PER_DOC_ENV = "TABWRITE_SAVES_PER_DOC_PER_MIN"
 NEW_DOCS_ENV = "TABWRITE_NEW_DOCS_PER_MIN"
 NEW_DOCS_PER_VISITOR_ENV = "TABWRITE_NEW_DOCS_PER_VISITOR_PER_MIN"
 MAX_STORE_BYTES_ENV = "TABWRITE_MAX_STORE_BYTES"
+DOC_BYTES_PER_VISITOR_ENV = "TABWRITE_DOC_BYTES_PER_VISITOR_PER_HOUR"
 DEFAULT_MAX_DOC_BYTES = 1_000_000  # 1 MB of UTF-8: a long novel; the editor's textarea is the limit well before
 DEFAULT_SAVES_PER_DOC_PER_MIN = 60
 DEFAULT_NEW_DOCS_PER_MIN = 60
 DEFAULT_NEW_DOCS_PER_VISITOR_PER_MIN = 10
 DEFAULT_MAX_STORE_BYTES = 1_000_000_000  # a small Space's disk is 50 GB; a store that fills it takes the app down
+# Ten full-size documents an hour from one address: more than a writer types or pastes, and one
+# address needs 100 hours to fill the default store (at the new-documents rate alone, 10 a minute
+# of 1 MB, it took 100 minutes).
+DEFAULT_DOC_BYTES_PER_VISITOR_PER_HOUR = 10_000_000
+BYTES_WINDOW_S = 3600.0
 STORE_FULL = "the document store is full; nothing was saved (the operator can raise TABWRITE_MAX_STORE_BYTES)"
 MAX_MARKS = 10_000  # ranges of machine-written text per document
 MAX_IDS = 200  # ids listed in one summaries() call ("my documents")
@@ -60,6 +68,7 @@ TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what secrets.token_urlsafe gives o
 TOO_MANY_SAVES = "too many saves; try again in a minute"
 TOO_MANY_NEW = "too many saves of new documents on this server; try again in a minute"
 TOO_MANY_NEW_YOURS = "too many new documents from you; try again in a minute"
+TOO_MANY_BYTES_YOURS = "too much new text saved from your address (at most {mb:g} MB an hour); try again later"
 
 
 class DocumentError(Exception):
@@ -184,6 +193,40 @@ class _RateLimit:
         self._events.setdefault(key, collections.deque()).append(now)
 
 
+class _ByteBudget:
+    """Bytes each key (a visitor) may add to the store: ``limit`` at once, refilling at ``limit``
+    per BYTES_WINDOW_S (0: no limit). Callers hold the store's lock.
+
+    What counts is what a save adds to the store: a new document's text and marks, and what a
+    save over a document adds to it (nothing when it does not grow). Not every byte written:
+    the editor saves the whole text each time, so a writer saving a 500 KB manuscript now and
+    then would run out while taking no room. And not the bytes of the documents a visitor owns:
+    documents belong to an owner key, not to an address (addresses change, and many writers
+    share one behind a NAT), the store would have to keep every writer's address beside their
+    text, and a budget that never refills locks a writer out for good. So this bounds how fast
+    one address fills the store; TABWRITE_MAX_STORE_BYTES bounds how full it gets.
+    """
+
+    def __init__(self, limit: int, clock):
+        self.limit, self.clock = limit, clock
+        self._left: dict[str, tuple[float, float]] = {}  # key -> (bytes left, when)
+
+    def left(self, key: str) -> float:
+        if not self.limit:
+            return float("inf")
+        now = self.clock()
+        left, then = self._left.get(key, (self.limit, now))
+        return min(self.limit, left + (now - then) * self.limit / BYTES_WINDOW_S)
+
+    def take(self, key: str, n: int) -> None:
+        if not self.limit or n <= 0:
+            return
+        left = self.left(key) - n
+        if len(self._left) > 10_000:  # forget visitors whose budget is whole again (the same as none)
+            self._left = {k: v for k, v in self._left.items() if self.left(k) < self.limit}
+        self._left[key] = (left, self.clock())
+
+
 class DocumentStore:
     def __init__(
         self,
@@ -194,6 +237,7 @@ class DocumentStore:
         new_docs_per_min: int | None = None,
         new_docs_per_visitor_per_min: int | None = None,
         max_store_bytes: int | None = None,
+        doc_bytes_per_visitor_per_hour: int | None = None,
         clock=time.monotonic,
     ):
         """The limits default to the environment's ($TABWRITE_MAX_DOC_BYTES, ...), then to the defaults above."""
@@ -213,6 +257,11 @@ class DocumentStore:
             clock,
         )
         self.max_store_bytes = max_store_bytes if max_store_bytes is not None else _env_limit(MAX_STORE_BYTES_ENV, DEFAULT_MAX_STORE_BYTES)
+        self._bytes_per_visitor = _ByteBudget(
+            doc_bytes_per_visitor_per_hour if doc_bytes_per_visitor_per_hour is not None
+            else _env_limit(DOC_BYTES_PER_VISITOR_ENV, DEFAULT_DOC_BYTES_PER_VISITOR_PER_HOUR),
+            clock,
+        )
         self._lock = threading.Lock()
         self._make_private_file()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -292,8 +341,9 @@ class DocumentStore:
         VersionConflict says so. None: no check (the stored text is overwritten). A wrong key
         or an unknown id saves a new document (a reader of a shared id gets their own copy).
         Returns ``id``, ``owner_key`` (as given, or the new one), ``version`` and ``updated``.
-        ``visitor``: who saves (editor/ui.py: their address), for the new-documents limit per
-        visitor ("": the caller is not a visitor, only the server's limit counts).
+        ``visitor``: who saves (editor/ui.py: their address), for the limits per visitor on new
+        documents and on the bytes their saves add ("": the caller is not a visitor, only the
+        server's limits count).
         """
         if text is None:
             text = ""
@@ -313,17 +363,20 @@ class DocumentStore:
         text = encoded.decode("utf-8")
         marks_json = json.dumps(clean_marks(marks, len(text)))
         now = time.time()
+        visitor = str(visitor or "")[:200]
         with self._lock:
             if doc_id and owner_key:
                 row = self._db.execute("SELECT owner_key, version FROM documents WHERE id = ?", (doc_id,)).fetchone()
                 if row is not None and secrets.compare_digest(row[0], key_hash(owner_key)):
-                    return self._update(doc_id, owner_key, row[1], version, text, marks_json, now)
+                    return self._update(doc_id, owner_key, row[1], version, text, marks_json, now, visitor)
             # A new document (or someone else's id: saving makes this writer's own copy).
-            if visitor and not self._new_per_visitor.allows(str(visitor)[:200]):
+            if visitor and not self._new_per_visitor.allows(visitor):
                 raise DocumentError(TOO_MANY_NEW_YOURS)
             if not self._new.allows(""):
                 raise DocumentError(TOO_MANY_NEW)
-            if self._full(len(encoded) + len(marks_json)):
+            adds = len(encoded) + len(marks_json)
+            self._check_bytes(visitor, adds)
+            if self._full(adds):
                 raise DocumentError(STORE_FULL)
             doc_id, owner_key = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
             self._db.execute(
@@ -332,10 +385,18 @@ class DocumentStore:
             )
             self._new.record("")
             if visitor:
-                self._new_per_visitor.record(str(visitor)[:200])
+                self._new_per_visitor.record(visitor)
+                self._bytes_per_visitor.take(visitor, adds)
             return {"id": doc_id, "owner_key": owner_key, "version": 1, "updated": now}
 
-    def _update(self, doc_id: str, owner_key: str, stored: int, version, text: str, marks_json: str, now: float) -> dict:
+    def _check_bytes(self, visitor: str, adds: int) -> None:
+        """Refuse a save of ``visitor`` that would add more to the store than their budget has left."""
+        if visitor and adds > 0 and self._bytes_per_visitor.left(visitor) < adds:
+            raise DocumentError(TOO_MANY_BYTES_YOURS.format(mb=self._bytes_per_visitor.limit / 1e6))
+
+    def _update(
+        self, doc_id: str, owner_key: str, stored: int, version, text: str, marks_json: str, now: float, visitor: str = ""
+    ) -> dict:
         if version is not None and version != stored:
             raise VersionConflict(stored, version)
         if not self._per_doc.allows(doc_id):
@@ -343,6 +404,7 @@ class DocumentStore:
         grows = len(text.encode("utf-8")) + len(marks_json) - self._db.execute(
             "SELECT length(CAST(text AS BLOB)) + length(marks) FROM documents WHERE id = ?", (doc_id,)
         ).fetchone()[0]
+        self._check_bytes(visitor, grows)
         if grows > 0 and self._full(grows):
             raise DocumentError(STORE_FULL)
         # The version in the WHERE clause: another process sharing the file cannot slip a save in between.
@@ -354,6 +416,8 @@ class DocumentStore:
             row = self._db.execute("SELECT version FROM documents WHERE id = ?", (doc_id,)).fetchone()
             raise VersionConflict(row[0] if row else stored + 1, stored if version is None else version)
         self._per_doc.record(doc_id)
+        if visitor:
+            self._bytes_per_visitor.take(visitor, grows)
         return {"id": doc_id, "owner_key": owner_key, "version": stored + 1, "updated": now}
 
     def load(self, doc_id: str) -> dict:

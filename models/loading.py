@@ -1,8 +1,9 @@
 """Loading a model and its tokenizer, with an on-disk cache for converted GGUF files.
 
 transformers reads GGUF by dequantising every tensor, which takes about a minute for
-Gemma 3 270M on 2 cores. We do that once, save the result as safetensors under the cache
-folder, and load from there afterwards (under a second). Models already loaded in this
+Gemma 3 270M on 2 cores. We do that once, in a process of its own (``_convert_apart``), save
+the result as safetensors under the cache folder, and load from there afterwards (under a
+second). Models already loaded in this
 process are kept, so switching back and forth in the UI costs nothing.
 """
 
@@ -101,6 +102,52 @@ def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
     print(f"[tabwrite] converted in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
 
+# The conversion runs in a process of its own. In this process it starved the presses on a
+# model already loaded: reading the GGUF and its tokenizer is seconds of pure Python, and the
+# thread serving Gemma's presses, which gives the GIL back at every torch op, waited for it
+# again each time. SmolLM2 converted and tuned beside a writer pressing Tab on Gemma without a
+# pause (2-core EPYC, 4 s budget): in this process one press took 7.0 s and the next was refused
+# "busy" (the others 1.0-2.9 s; ~0.6 s alone); apart, the slowest took 2.3 s, and the load as
+# long as before (31 s: 21 converting, 8 tuning). Not at a lower priority: at nice 5 the slowest
+# press took 1.2 s but the load 75 s, and at nice 10 165 s, for whoever asked for the model.
+
+
+def _convert_apart(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
+    """``_convert_gguf`` in a child process (its progress lines go to this one's stderr); a
+    RuntimeError with the child's one line if it fails (load_source words it for the user)."""
+    import subprocess
+
+    code = "import sys; from models.loading import _convert_main; sys.exit(_convert_main(sys.argv[1:]))"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, gguf_path, str(target), str(dtype).split(".")[-1], str(os.getpid())],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
+    )
+    out, _ = child.communicate()
+    if child.returncode != 0:
+        lines = [line for line in (out or "").splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"the conversion of {Path(gguf_path).name} exited with {child.returncode}")
+
+
+def _convert_main(argv: list[str]) -> int:
+    """The child of ``_convert_apart``: GGUF path, target folder, dtype name, parent's pid."""
+    gguf_path, target, dtype, parent = argv
+    try:  # Linux: end with the app (a stopped app's conversion would run on alone)
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != int(parent):
+            return 1
+    except Exception:
+        pass
+    try:
+        _convert_gguf(gguf_path, Path(target), getattr(torch, dtype))
+    except Exception as e:  # one line for the parent's ModelLoadError
+        print((str(e).strip().splitlines() or [type(e).__name__])[0][:300], flush=True)
+        return 1
+    return 0
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all (checked with one TCP connect).
 
@@ -163,7 +210,7 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
         if source.kind == "gguf":
             target = _gguf_cache_dir(source.location)
             if not (target / "config.json").is_file():
-                _convert_gguf(source.location, target, CONVERTED_DTYPE)
+                _convert_apart(source.location, target, CONVERTED_DTYPE)
             model, tokenizer = _load_pretrained(str(target), device, dtype)
             model_key, folder = target.name, str(target)
         else:

@@ -9,6 +9,7 @@ import pytest
 
 from editor.service import SuggestService
 from models.registry import DEFAULT_MODEL
+from tests.serving import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +36,6 @@ def test_tab_after_a_pause_is_answered_from_the_precomputed_result(service):
     assert service.suggest_for_session("writer-a", text + " usually")["from_cache"] is False
 
 
-def wait_for(condition, what: str, timeout: float = 60) -> None:
-    """Poll ``condition`` until it holds; the timeout only guards against a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
-        time.sleep(0.005)
-
-
 def test_tab_during_precomputation_waits_for_it(service):
     text = "The train was late again, so we decided to"
     pre: dict = {}
@@ -50,7 +43,7 @@ def test_tab_during_precomputation_waits_for_it(service):
     worker.start()
     # The pre-computation has begun once the session's progress carries its number (it is registered
     # just before): the Tab then finds it running, or already stored; either way it must not start over.
-    wait_for(lambda: service.progress("writer-c").get("seq") == 7 or not worker.is_alive(), "the pre-computation")
+    wait_for(lambda: service.progress("writer-c").get("seq") == 7 or not worker.is_alive(), "the pre-computation", timeout=60)
     tab = service.suggest_for_session("writer-c", text)
     worker.join(timeout=60)
     assert not worker.is_alive()

@@ -32,6 +32,7 @@ STARTUP_TIMEOUT_S = 600
 SAVES_PER_DOC = 5
 NEW_DOCS = 40
 NEW_DOCS_PER_VISITOR = 15
+BYTES_PER_VISITOR = 1_500_000  # a full-size document (1 MB) fits, two do not
 OLD_ID, OLD_KEY = "oldDocumentId_12345678", "oldOwnerKey_abcdefghijklmnopqrstuvw"
 CONFLICT = re.compile(
     r"^Not saved: this document was changed in another tab or window since you opened it \(version (\d+), yours is (\d+)\);"
@@ -63,6 +64,7 @@ def app(tmp_path_factory):
             env.setenv("TABWRITE_SAVES_PER_DOC_PER_MIN", str(SAVES_PER_DOC))
             env.setenv("TABWRITE_NEW_DOCS_PER_MIN", str(NEW_DOCS))
             env.setenv("TABWRITE_NEW_DOCS_PER_VISITOR_PER_MIN", str(NEW_DOCS_PER_VISITOR))
+            env.setenv("TABWRITE_DOC_BYTES_PER_VISITOR_PER_HOUR", str(BYTES_PER_VISITOR))
             # Visitors told apart by the address a proxy says it saw, so one test can be several.
             env.setenv("TABWRITE_TRUST_PROXY", "1")
             env.delenv("TABWRITE_MAX_DOC_BYTES", raising=False)  # the default: 1 MB
@@ -90,7 +92,7 @@ def call_api(url: str, api_name: str, data: list, timeout: float = 120) -> tuple
     return events[-1][0], json.loads(events[-1][1])
 
 
-def editor_call(url: str, name: str, data: dict, session: str = "documents-test") -> tuple[int, object]:
+def editor_call(url: str, name: str, data: dict, session: str = "documents-test", headers: dict | None = None) -> tuple[int, object]:
     """One of the editor's server functions, as the page calls it: (HTTP status, answer)."""
     with urllib.request.urlopen(url + "config", timeout=30) as r:
         config = json.load(r)
@@ -98,7 +100,7 @@ def editor_call(url: str, name: str, data: dict, session: str = "documents-test"
     parts = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     body = json.dumps({"session_hash": session, "component_id": editor_id, "fn_name": name, "data": data})
-    conn.request("POST", "/gradio_api/component_server/", body=body, headers={"Content-Type": "application/json"})
+    conn.request("POST", "/gradio_api/component_server/", body=body, headers={"Content-Type": "application/json", **(headers or {})})
     response = conn.getresponse()
     raw = response.read()
     conn.close()
@@ -203,6 +205,36 @@ def test_too_many_saves_of_one_document_are_refused_clearly(client):
     with pytest.raises(Exception, match=r"^Not saved: too many saves; try again in a minute\.$"):
         client.predict("Once more.", None, doc["id"], doc["owner_key"], api_name="/save")
     assert client.predict(doc["id"], api_name="/load")["text"] == f"Saved often ({SAVES_PER_DOC - 1})."
+
+
+def test_one_visitor_cannot_fill_the_store_and_others_still_save(app):
+    # Each new document was bounded (1 MB) and so was their number (10 a minute per visitor),
+    # not their bytes: one address could add 10 MB a minute, the default store (1 GB) full in
+    # 100 minutes, and then nobody could save. Now the bytes a visitor's saves add are budgeted.
+    hog_address = "203.0.113.50"
+    hog = gradio_client.Client(app[0], verbose=False, headers={"X-Forwarded-For": hog_address})
+    first = hog.predict("a" * 900_000, None, api_name="/save")
+    # Saving over it again and again adds nothing to the store, so it never runs out.
+    for i in range(3):
+        again = hog.predict(f"{i}" * 900_000, None, first["id"], first["owner_key"], api_name="/save")
+        assert again["id"] == first["id"]
+    line = f"Not saved: too much new text saved from your address (at most {BYTES_PER_VISITOR / 1e6:g} MB an hour); try again later."
+    with pytest.raises(Exception) as refused:
+        hog.predict("b" * 700_000, None, api_name="/save")  # 900,000 + 700,000 > 1,500,000
+    assert str(refused.value) == line
+    # Growing a document counts what it adds (100,000 bytes fit; 600,000 more do not), and the
+    # editor's own route gets the same line.
+    grown = hog.predict("c" * 1_000_000, None, first["id"], first["owner_key"], api_name="/save")
+    assert grown["version"] == 5
+    status, answer = editor_call(
+        app[0], "save_document", {"text": "d" * 600_000, "marks": [], "id": None, "owner_key": None, "version": None},
+        headers={"X-Forwarded-For": hog_address},
+    )
+    assert status == 200 and answer == {"error": line}, (status, str(answer)[:300])
+    assert hog.predict(first["id"], api_name="/load")["text"] == "c" * 1_000_000
+    # Another visitor has a budget of their own.
+    other = gradio_client.Client(app[0], verbose=False, headers={"X-Forwarded-For": "203.0.113.51"})
+    assert other.predict("e" * 700_000, None, api_name="/save")["version"] == 1
 
 
 def test_too_many_new_documents_are_refused_per_visitor_then_on_the_whole_server(app):

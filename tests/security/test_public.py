@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from tests.serving import running_app
+from tests.serving import component, panel_change, post, running_app
 
 STARTUP_TIMEOUT_S = 600
 
@@ -39,25 +39,8 @@ def app(tmp_path_factory):
         os.environ.pop("TABWRITE_TRUST_PROXY", None)
 
 
-def post(url: str, path: str, body, headers: dict | None = None, timeout: float = 120) -> tuple[int, bytes]:
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def editor_id(url: str) -> int:
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("GET", "/config")
-    config = json.loads(conn.getresponse().read())
-    conn.close()
-    return next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "editor")
+    return component(url, elem_id="editor")["id"]
 
 
 def server_function(url: str, name: str, data: dict, session: str, visitor: str):
@@ -187,32 +170,9 @@ COUNTING = ", ".join(str(n) for n in range(1, 33)) + ","
 
 
 def settings_panel(url: str, lengths: str, visitor: str) -> str:
-    """Type ``lengths`` into the settings panel's lengths box, as the page does (Gradio's queue):
-    the panel's status line."""
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("GET", "/config")
-    config = json.loads(conn.getresponse().read())
-    conn.close()
-    box = next(c["id"] for c in config["components"] if c.get("props", {}).get("label") == "Suggestion lengths (tokens)")
-    event = next(d for d in config["dependencies"] if [box, "change"] in d["targets"])
-    session = secrets.token_hex(8)
-    data = ["gemma-3-270m", 0.7, 40, 0.95, lengths, 4.0, 384, True, 0.0]
-    status, payload = post(url, "/gradio_api/queue/join", {"data": data, "fn_index": event["id"], "session_hash": session,
-                                                          "event_data": None, "trigger_id": box}, {"X-Forwarded-For": visitor})
-    assert status == 200, payload[:300]
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    conn.request("GET", f"/gradio_api/queue/data?session_hash={session}", headers={"X-Forwarded-For": visitor})
-    stream = conn.getresponse()
-    try:
-        for line in stream:
-            if line.startswith(b"data:"):
-                message = json.loads(line[5:])
-                if message.get("msg") == "process_completed":
-                    return message["output"]["data"][0]
-    finally:
-        conn.close()
-    raise AssertionError("the settings panel did not answer")
+    """Type ``lengths`` into the settings panel's lengths box, as the page does: the panel's line."""
+    box = component(url, label="Suggestion lengths (tokens)")["id"]
+    return panel_change(url, box, ["gemma-3-270m", 0.7, 40, 0.95, lengths, 4.0, 384, True, 0.0], visitor, timeout=60)
 
 
 def test_hostile_settings_sizes_are_bounded(app):

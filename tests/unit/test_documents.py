@@ -425,3 +425,27 @@ def test_a_full_store_refuses_new_and_longer_documents_and_keeps_what_it_has(tmp
     store.save("a" * 90_000, doc_id=saved["id"], owner_key=saved["owner_key"])
     assert store.load(kept["id"])["text"] == "b" * 50_000
     assert store.load(saved["id"])["text"] == "a" * 90_000
+
+
+def test_the_bytes_a_visitor_adds_are_budgeted_and_come_back_over_the_hour(tmp_path, monkeypatch):
+    clock = Clock()
+    store = DocumentStore(tmp_path / "b.sqlite3", doc_bytes_per_visitor_per_hour=1000, saves_per_doc_per_min=0, clock=clock)
+    doc = store.save("a" * 600, visitor="1.2.3.4")  # 600 + 2 ("[]", its marks) of 1000
+    for _ in range(20):  # saving over it without growing it adds nothing
+        doc = store.save("b" * 600, doc_id=doc["id"], owner_key=doc["owner_key"], visitor="1.2.3.4")
+    doc = store.save("c" * 900, doc_id=doc["id"], owner_key=doc["owner_key"], visitor="1.2.3.4")  # 300 more: 98 left
+    line = r"^too much new text saved from your address \(at most 0\.001 MB an hour\); try again later$"
+    with pytest.raises(DocumentError, match=line):
+        store.save("d" * 100, visitor="1.2.3.4")
+    with pytest.raises(DocumentError, match=line):  # growing a document by more than is left, too
+        store.save("c" * 1000, doc_id=doc["id"], owner_key=doc["owner_key"], visitor="1.2.3.4")
+    assert store.load(doc["id"])["text"] == "c" * 900
+    assert handlers.save(store, "d" * 100, visitor="1.2.3.4")["error"].startswith("Not saved: too much new text")
+    store.save("d" * 500, visitor="5.6.7.8")  # somebody else's budget is their own
+    store.save("d" * 5000)  # a caller that is not a visitor: only the server's limits
+    clock.now += 360  # a tenth of the hour: 100 bytes back
+    store.save("e" * 150, visitor="1.2.3.4")
+    monkeypatch.setenv("TABWRITE_DOC_BYTES_PER_VISITOR_PER_HOUR", "0")  # 0: no limit
+    unlimited = DocumentStore(tmp_path / "u.sqlite3", new_docs_per_visitor_per_min=0)
+    for _ in range(12):
+        unlimited.save("x" * 1_000_000, visitor="1.2.3.4")

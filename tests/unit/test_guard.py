@@ -31,6 +31,26 @@ def test_the_visitor_is_the_proxy_s_last_entry_only_when_a_proxy_is_trusted(monk
     assert guard.visitor_address("", "") == "unknown"
 
 
+def test_an_ipv6_host_is_one_visitor_whatever_address_of_its_64_it_uses(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("TABWRITE_TRUST_PROXY", raising=False)
+    one = {guard.visitor_address(f"2001:db8:aa:bb:{n:x}::{n + 1:x}", "") for n in range(1000)}
+    assert one == {"2001:db8:aa:bb::/64"}
+    assert guard.visitor_address("2001:db8:aa:bc::1", "") == "2001:db8:aa:bc::/64"  # the next /64: somebody else
+    assert guard.visitor_address("::ffff:192.0.2.8", "") == "192.0.2.8"  # IPv4 written as IPv6
+    assert guard.visitor_address("fe80::1%eth0", "") == "fe80::/64"
+    assert guard.visitor_address("203.0.113.9", "") == "203.0.113.9"  # IPv4: each address, as before
+    monkeypatch.setenv("TABWRITE_TRUST_PROXY", "1")  # the proxy's entry is grouped the same way
+    assert guard.visitor_address("127.0.0.1", "1.1.1.1, 2001:DB8:aa:bb:ffff:ffff:ffff:ffff") == "2001:db8:aa:bb::/64"
+    assert guard.visitor_address("127.0.0.1", "[2001:db8:aa:bb::7]:443") == "2001:db8:aa:bb::/64"
+    assert guard.visitor_address("127.0.0.1", "not-an-address:at:all") == "not-an-address:at:all"
+    # So one host cycling through its addresses draws on one request bucket.
+    rate = RequestRate(app=None, rate=1.0, burst=5.0)
+    monkeypatch.delenv("TABWRITE_TRUST_PROXY")
+    allowed = [rate.allow(guard._scope_visitor({"client": (f"2001:db8:aa:bb::{n + 1:x}", 1)}), now=1.0) for n in range(20)]
+    assert allowed == [True] * 5 + [False] * 15
+
+
 # -- uploads (editor/guard.py UploadLimit) and bodies that do not say their length
 
 import asyncio  # noqa: E402

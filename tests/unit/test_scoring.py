@@ -12,6 +12,7 @@ import torch
 from models import scoring
 from models.scoring import score, token_spans
 from tests.unit.test_engine_logic import build_tokenizer, tiny_llama_engine
+from tests.serving import wait_for
 
 TEXT = "The quick brown fox jumps over the lazy dog.\n我们今天去公园散步。 👩‍💻 <b>bold</b>"
 
@@ -232,13 +233,6 @@ def test_text_is_cut_before_it_is_tokenized(engine, monkeypatch):
 # ---------------------------------------------------------------- at most a few at a time
 
 
-def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_busy_beyond_the_queue(engine, monkeypatch):
     """One scoring runs (held on the engine's lock), two wait; a fourth is told at once to try again."""
     for name in (scoring.CONCURRENCY_ENV, scoring.QUEUE_ENV, scoring.WAIT_ENV):
@@ -249,10 +243,10 @@ def test_busy_beyond_the_queue(engine, monkeypatch):
     engine.lock.acquire()
     try:
         threads[0].start()
-        _wait_for(lambda: limiter.running == 1)
+        wait_for(lambda: limiter.running == 1)
         for t in threads[1:]:
             t.start()
-        _wait_for(lambda: limiter.waiting == 2)
+        wait_for(lambda: limiter.waiting == 2)
         started = time.monotonic()
         assert score(engine, TEXT) == {"error": scoring.BUSY}
         assert time.monotonic() - started < 1.0
@@ -273,7 +267,7 @@ def test_a_waiting_scoring_gives_up_after_a_bounded_wait(engine, monkeypatch):
     engine.lock.acquire()
     try:
         first.start()
-        _wait_for(lambda: limiter.running == 1)
+        wait_for(lambda: limiter.running == 1)
         started = time.monotonic()
         assert score(engine, TEXT) == {"error": scoring.BUSY}
         assert 0.25 < time.monotonic() - started < 5
@@ -293,7 +287,7 @@ def test_configured_concurrency_and_no_queue(engine, monkeypatch):
     try:
         for t in threads:
             t.start()
-        _wait_for(lambda: limiter.running == 2)
+        wait_for(lambda: limiter.running == 2)
         assert score(engine, TEXT) == {"error": scoring.BUSY}
     finally:
         engine.lock.release()
@@ -310,7 +304,7 @@ def test_each_engine_has_its_own_limit(engine, monkeypatch):
     engine.lock.acquire()
     try:
         first.start()
-        _wait_for(lambda: scoring._limiter(engine).running == 1)
+        wait_for(lambda: scoring._limiter(engine).running == 1)
         assert score(engine, TEXT) == {"error": scoring.BUSY}
         assert "perplexity" in score(other, TEXT)
     finally:
@@ -373,7 +367,7 @@ def test_a_scoring_steps_aside_for_a_tab_press_within_its_window():
     presser = threading.Thread(target=press)
     presser.start()
     from models.scheduler import FOREGROUND
-    _wait_for(FOREGROUND.busy)
+    wait_for(FOREGROUND.busy)
     go.set()
     presser.join(30)
     scorer[0].join(30)
