@@ -173,6 +173,31 @@ def _env_float(name: str, default: float) -> float:
         return default
 
 
+class _Buckets:
+    """Token buckets by key: each holds up to ``capacity`` and refills ``capacity`` per ``refill_s``
+    seconds; a key not seen has a full one. At most MAX_VISITORS_TRACKED are kept, the least
+    recently used dropped (a full bucket again). ASGI runs on one event loop thread: no lock."""
+
+    def __init__(self, capacity: float, refill_s: float):
+        self.capacity, self.per_s = capacity, capacity / refill_s
+        self._levels: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (level, when)
+
+    def __len__(self) -> int:
+        return len(self._levels)
+
+    def left(self, key: str, now: float) -> float:
+        level, then = self._levels.get(key, (self.capacity, now))
+        return min(self.capacity, level + (now - then) * self.per_s)
+
+    def take(self, key: str, n: float, now: float) -> None:
+        """Take ``n`` from ``key``'s bucket (negative: give back)."""
+        level = self.left(key, now) - n
+        self._levels.pop(key, None)
+        self._levels[key] = (level, now)
+        while len(self._levels) > MAX_VISITORS_TRACKED:
+            self._levels.popitem(last=False)
+
+
 class RequestRate:
     """ASGI middleware: a token bucket of POST requests per visitor (``rate`` a second, ``burst``
     at once; rate 0 turns it off). Past it: 429 with one line and Retry-After, nothing read."""
@@ -181,18 +206,13 @@ class RequestRate:
         self.app = app
         self.rate = _env_float("TABWRITE_REQUESTS_PER_S", DEFAULT_REQUESTS_PER_S) if rate is None else rate
         self.burst = max(1.0, _env_float("TABWRITE_REQUEST_BURST", DEFAULT_REQUEST_BURST) if burst is None else burst)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # visitor -> (tokens, when)
+        self._buckets = _Buckets(self.burst, self.burst / self.rate if self.rate > 0 else float("inf"))
 
     def allow(self, visitor: str, now: float | None = None) -> bool:
-        """Take one request from ``visitor``'s bucket; False when it is empty. (ASGI runs on one
-        event loop thread: no lock needed.)"""
+        """Take one request from ``visitor``'s bucket; False when it is empty."""
         now = time.monotonic() if now is None else now
-        tokens, then = self._buckets.pop(visitor, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - then) * self.rate)
-        allowed = tokens >= 1.0
-        self._buckets[visitor] = (tokens - 1.0 if allowed else tokens, now)
-        while len(self._buckets) > MAX_VISITORS_TRACKED:
-            self._buckets.popitem(last=False)
+        allowed = self._buckets.left(visitor, now) >= 1.0
+        self._buckets.take(visitor, 1.0 if allowed else 0.0, now)
         return allowed
 
     async def __call__(self, scope, receive, send):
@@ -253,31 +273,22 @@ class UploadLimit:
         )
         self.total = _env_float("TABWRITE_UPLOAD_BYTES", DEFAULT_UPLOAD_BYTES) if total is None else total
         self.keep_s = upload_keep_s() if keep_s is None else keep_s
-        self._visitors: OrderedDict[str, tuple[float, float]] = OrderedDict()  # visitor -> (bytes left, when)
-        self._server: tuple[float, float | None] = (self.total, None)  # (bytes left, when); None: never used
-
-    def _left(self, level: tuple[float, float | None], cap: float, now: float) -> float:
-        left, then = level
-        return cap if then is None else min(cap, left + (now - then) * cap / self.keep_s)
+        self._visitors = _Buckets(self.per_visitor, self.keep_s)  # bytes each visitor has left
+        self._server = _Buckets(self.total, self.keep_s)  # everybody's, under the key ""
 
     def room(self, visitor: str, now: float | None = None) -> tuple[float, str]:
         """Bytes ``visitor`` may upload now, and the line to refuse with past them."""
         now = time.monotonic() if now is None else now
-        mine = self._left(self._visitors.get(visitor, (self.per_visitor, now)), self.per_visitor, now)
-        everyone = self._left(self._server, self.total, now)
+        mine, everyone = self._visitors.left(visitor, now), self._server.left("", now)
         if everyone < mine:
             return everyone, SERVER_UPLOADED_TOO_MUCH.format(mb=self.total / 2**20, span=_span(self.keep_s))
         return mine, UPLOADED_TOO_MUCH.format(mb=self.per_visitor / 2**20, span=_span(self.keep_s))
 
     def charge(self, visitor: str, n: float, now: float | None = None) -> None:
-        """Take ``n`` bytes from ``visitor``'s budget and the server's (negative: give them back).
-        (ASGI runs on one event loop thread: no lock needed.)"""
+        """Take ``n`` bytes from ``visitor``'s budget and the server's (negative: give them back)."""
         now = time.monotonic() if now is None else now
-        mine = self._left(self._visitors.pop(visitor, (self.per_visitor, now)), self.per_visitor, now)
-        self._visitors[visitor] = (mine - n, now)
-        self._server = (self._left(self._server, self.total, now) - n, now)
-        while len(self._visitors) > MAX_VISITORS_TRACKED:
-            self._visitors.popitem(last=False)
+        self._visitors.take(visitor, n, now)
+        self._server.take("", n, now)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or not is_upload(scope.get("path", "")):
