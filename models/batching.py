@@ -33,13 +33,6 @@ def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
         layer.cumulative_length = keys.shape[-2]
 
 
-def _left_pad(t: torch.Tensor, amount: int) -> torch.Tensor:
-    if amount <= 0:
-        return t
-    pad = t.new_zeros(t.shape[0], t.shape[1], amount, t.shape[3])
-    return torch.cat([pad, t], dim=-2)
-
-
 _SPARE = 64  # tokens of room added behind a decoding batch's keys and values when it runs out
 
 
@@ -266,10 +259,10 @@ class BatchKV:
         # buffers with the same room behind them (selecting, then growing into room at the next
         # step, copied them twice).
         for layer in self.cache.layers:
+            old = layer.__dict__.get("room")
+            spare = max(1, (old[0].shape[-2] if old else layer.keys.shape[-2]) - layer.keys.shape[-2])
             room = []
             for t in (layer.keys, layer.values):
-                old = layer.__dict__.get("room")
-                spare = max(1, (old[0].shape[-2] if old else t.shape[-2]) - t.shape[-2])
                 buffer = t.new_empty(len(index), t.shape[1], self.width + spare, t.shape[3])
                 torch.index_select(t[..., lead:, :], 0, select, out=buffer[..., : self.width, :])
                 room.append(buffer)

@@ -68,18 +68,8 @@ def _scale(norm: nn.Module, gemma: bool) -> torch.Tensor:
 
 
 def _direct(linear: nn.Module) -> Matmul:
-    """``linear`` as the step calls it. A TunedLinear's few-rows way is called straight, not
-    through nn.Module's call and TunedLinear.forward's reshapes and casts: ~5 us less a call,
-    127 calls a step (~0.6 ms of a ~19 ms step at batch 3 on an EPYC). Past its few rows (many
-    writers in one batch) it runs as the layer would."""
-    if not isinstance(linear, TunedLinear) or linear.bias is not None:
-        return linear
-    run, weight, few = linear._few_run, linear.few_weight, linear.few_rows
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        return run(x, weight) if x.shape[0] <= few else linear(x)
-
-    return call
+    """``linear`` as the step calls it: a TunedLinear's plain function (TunedLinear.matmul)."""
+    return linear.matmul() if isinstance(linear, TunedLinear) else linear
 
 
 def plan_for(model: nn.Module) -> Plan | None:
