@@ -342,11 +342,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             yield f"⚠️ {answer['error']}", gr.update(), gr.update()
             return
         key = answer["owner_key"]
-        report = _style_report(answer)
-        # The new choice first, then the selection, in two updates: once in CI (2026-12-05) the
-        # report showed but the model box, sent both in one update, never showed the new style.
-        yield report, gr.update(choices=model_choices + style_choices(key)), key
-        yield report, gr.update(value=answer["model"]), gr.update()
+        yield _style_report(answer), gr.update(choices=model_choices + style_choices(key), value=answer["model"]), key
 
     def cancel_style(request: gr.Request) -> str:
         return "Cancelling…" if service.styles.cancel(_session_of(request)) else "Nothing to cancel."
