@@ -13,6 +13,7 @@ import os
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry
+import models  # noqa: E402,F401  (OpenMP's wait policy, set before anything loads PyTorch: models/__init__.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,6 +28,12 @@ Latency counts every press that did not fail (a budget stop is waited for too). 
 is under this offered load (writers think), not the server's capacity. The clients run in
 this process, on the same CPUs as the server, as a browser would on a laptop.
 
+With --hostile, the attacker runs in a process of its own, connected before the clock starts
+(it ran as threads of this one: building its 25,000-character texts and 100,000-entry lists
+took the writers' clients' GIL, and that was counted as the server's slowness); --attacks
+picks parts of its loop, to take its cost apart; --attacker-nice lowers its priority (on a
+host, its own CPU would be elsewhere).
+
 Traffic goes to 127.0.0.1 only; every loop is bounded in count and in time (TIME_LIMIT_S for
 the whole run, shared among the N). Prints one JSON object: the CPU, the settings used, and
 for each N the figures below, plus the p95 over the single writer's p50.
@@ -234,14 +240,19 @@ def writer(url: str, plan: list[dict], offset: float, pauses: list[float], call:
 ATTACKER = "198.51.100.9"  # the hostile visitor's address (X-Forwarded-For)
 
 
-def hostile_visitor(log: dict):
-    """What one hostile visitor does in a loop, with ``log`` counting each attack's outcomes (issue 11)."""
+ATTACKS = ("score", "press", "flood", "body", "model", "lengths")
+
+
+def hostile_visitor(url: str, stop, log: dict, ready=None, go=None, attacks=ATTACKS) -> None:
+    """What one hostile visitor does in a loop until ``stop``, with ``log`` counting each attack's
+    outcomes (issue 11): ``attacks``, some of ATTACKS. Connected, it sets ``ready`` and waits
+    for ``go`` (Events, or None)."""
     import concurrent.futures
     import http.client
 
     from gradio_client import Client
 
-    def component_call(url: str, body: dict) -> int:
+    def component_call(body: dict) -> int:
         parts = urllib.parse.urlsplit(url)
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         try:
@@ -253,60 +264,81 @@ def hostile_visitor(log: dict):
         finally:
             conn.close()
 
-    def attack(url: str, stop: threading.Event) -> None:
-        client = Client(url, verbose=False, headers={"X-Forwarded-For": ATTACKER})
-        with urllib.request.urlopen(url + "config", timeout=30) as response:
-            config = json.loads(response.read())
-        editor = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "editor")
-        parts = urllib.parse.urlsplit(url)
+    client = Client(url, verbose=False, headers={"X-Forwarded-For": ATTACKER})
+    with urllib.request.urlopen(url + "config", timeout=30) as response:
+        config = json.loads(response.read())
+    editor = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "editor")
+    parts = urllib.parse.urlsplit(url)
+    lock = threading.Lock()
+    if ready is not None:
+        ready.set()
+    if go is not None:
+        go.wait(timeout=600)
 
-        def outcome(name: str, fn) -> None:
-            try:
-                result = fn()
-                key = f"{name}: {result}"
-            except Exception as e:
-                key = f"{name}: {type(e).__name__}: {str(e)[:60]}"
+    def outcome(name: str, fn) -> None:
+        try:
+            result = fn()
+            key = f"{name}: {result}"
+        except Exception as e:
+            key = f"{name}: {type(e).__name__}: {str(e)[:60]}"
+        with lock:
             log[key] = log.get(key, 0) + 1
 
-        def score_big():
-            return "scored" if client.predict("word " * 5000, "", api_name="/score").get("perplexity") else "no score"
+    def score_big():
+        return "scored" if client.predict("word " * 5000, "", api_name="/score").get("perplexity") else "no score"
 
-        def presses():
-            return "answered" if client.predict("The history of the printing press begins in", api_name="/suggest") else "empty"
+    def presses():
+        return "answered" if client.predict("The history of the printing press begins in", api_name="/suggest") else "empty"
 
-        def flood():
-            codes = {component_call(url, {"session_hash": f"flood-{time.perf_counter_ns()}-{k}", "component_id": editor,
-                                          "fn_name": "suggest_for_editor", "data": {"text": " "}}) for k in range(200)}
-            return f"status {sorted(codes)}"
+    def flood():
+        codes = {component_call({"session_hash": f"flood-{time.perf_counter_ns()}-{k}", "component_id": editor,
+                                 "fn_name": "suggest_for_editor", "data": {"text": " "}}) for k in range(200)}
+        return f"status {sorted(codes)}"
 
-        def huge_body():
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-            conn.putrequest("POST", "/gradio_api/call/score")
-            conn.putheader("Content-Type", "application/json")
-            conn.putheader("Content-Length", str(500 * 2**20))
-            conn.endheaders()
-            status = conn.getresponse().status
-            conn.close()
-            return f"status {status}"
+    def huge_body():
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.putrequest("POST", "/gradio_api/call/score")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(500 * 2**20))
+        conn.endheaders()
+        status = conn.getresponse().status
+        conn.close()
+        return f"status {status}"
 
-        def unknown_model():
-            return client.predict("Hello", "/etc", api_name="/score")
+    def unknown_model():
+        return client.predict("Hello", "/etc", api_name="/score")
 
-        def long_lengths():
-            return f"{len(client.predict('Hello there', 0.7, 40, 0.95, '4,' * 100_000, 4.0, '', api_name='/suggest'))} rows"
+    def long_lengths():
+        return f"{len(client.predict('Hello there', 0.7, 40, 0.95, '4,' * 100_000, 4.0, '', api_name='/suggest'))} rows"
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            while not stop.is_set():
-                jobs = [pool.submit(outcome, "score 25k chars", score_big) for _ in range(3)]
-                jobs += [pool.submit(outcome, "press", presses) for _ in range(8)]
-                for name, fn in (("1000 sessions", flood), ("500 MB body", huge_body), ("model /etc", unknown_model),
-                                 ("100k lengths", long_lengths)):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        while not stop.is_set():
+            jobs = [pool.submit(outcome, "score 25k chars", score_big) for _ in range(3) if "score" in attacks]
+            jobs += [pool.submit(outcome, "press", presses) for _ in range(8) if "press" in attacks]
+            for tag, name, fn in (("flood", "1000 sessions", flood), ("body", "500 MB body", huge_body),
+                                  ("model", "model /etc", unknown_model), ("lengths", "100k lengths", long_lengths)):
+                if tag in attacks:
                     outcome(name, fn)
-                for job in jobs:
-                    job.result()
-                stop.wait(0.5)
+            for job in jobs:
+                job.result()
+            with lock:
+                log["loops"] = log.get("loops", 0) + 1
+            stop.wait(0.5)
 
-    return attack
+
+def _attacker_process(url: str, ready, go, stop, out, nice: int, attacks) -> None:
+    """The hostile visitor in a process of its own: its client's work (building 25,000-character
+    texts and 100,000-entry lists, gradio_client's threads) took the writers' clients' GIL when it
+    ran as threads of this one, and that was counted as the server's slowness. It starts (imports,
+    connects) before the clock does, as the writers' clients do."""
+    if nice:
+        os.nice(nice)
+    log: dict = {}
+    try:
+        hostile_visitor(url, stop, log, ready, go, attacks)
+    except Exception as e:  # reported with the attacks, never hidden
+        log[f"attacker stopped: {type(e).__name__}: {str(e)[:80]}"] = 1
+    out.put(log)
 
 
 def ms(values, q: float | None = None) -> int | None:
@@ -337,6 +369,16 @@ def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_
 
     results: list = []
     clock = {"ready": threading.Semaphore(0), "go": threading.Event(), "t0": 0.0, "stop_at": stop_at, "connect_s": 60.0}
+    attack = None
+    if attacker is not None:  # attacker: the dict its outcomes are added to
+        import multiprocessing
+
+        spawn = multiprocessing.get_context("spawn")
+        attack_ready, attack_go, attack_stop, attack_out = spawn.Event(), spawn.Event(), spawn.Event(), spawn.Queue()
+        attack = spawn.Process(target=_attacker_process, daemon=True,
+                               args=(url, attack_ready, attack_go, attack_stop, attack_out, args.attacker_nice, args.attacks))
+        attack.start()
+        attack_ready.wait(timeout=120)
     threads = [
         threading.Thread(
             target=writer, args=(url, plans[i], offsets[i], pauses[i], call, results, clock, f"10.1.{n}.{i + 1}"), daemon=True
@@ -351,16 +393,20 @@ def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_
             break
     clock["t0"] = time.perf_counter()
     clock["go"].set()
-    attack = None
-    if attacker is not None:
-        attack_stop = threading.Event()
-        attack = threading.Thread(target=attacker, args=(url, attack_stop), daemon=True)
-        attack.start()
+    if attack is not None:
+        attack_go.set()
     for t in threads:
         t.join(timeout=max(1.0, stop_at - time.perf_counter() + args.max_time + 30))
     if attack is not None:
         attack_stop.set()
-        attack.join(timeout=120)
+        try:
+            for key, value in attack_out.get(timeout=120).items():
+                attacker[key] = attacker.get(key, 0) + value
+        except Exception:
+            attacker["attacker: no report"] = attacker.get("attacker: no report", 0) + 1
+        attack.join(timeout=30)
+        if attack.is_alive():
+            attack.kill()
 
     presses = [r for r in list(results) if "latency_s" in r]
     waited = [r for r in presses if r["kind"] not in ("error", "busy")]
@@ -437,7 +483,17 @@ def main() -> None:
         "--hostile", action="store_true",
         help="N normal writers (--writers, default 5) twice: alone, then while one visitor attacks (issue 11)",
     )
+    parser.add_argument(
+        "--attacker-nice", type=int, default=0,
+        help="the attacker's client process runs at this niceness (its CPU, on a host, is elsewhere; 0: as the writers')",
+    )
+    parser.add_argument(
+        "--attacks", default=",".join(ATTACKS),
+        help=f"with --hostile, what the attacker does in its loop (some of {','.join(ATTACKS)}), to take its cost apart",
+    )
     args = parser.parse_args()
+    args.attacks = tuple(a for a in ATTACKS if a in args.attacks.split(","))
+    args.attacker_nice = max(0, min(args.attacker_nice, 19))
     if args.hostile and args.writers == [1, 5, 20]:
         args.writers = [5]
     if args.url and urllib.parse.urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
@@ -466,7 +522,7 @@ def main() -> None:
         plan = [(n, None) for n in writers]
         attacks: dict = {}
         if args.hostile:  # each N alone, then with the attacker: the same writers' presses, side by side
-            plan = [(n, a) for n in writers for a in (None, hostile_visitor(attacks))]
+            plan = [(n, a) for n in writers for a in (None, attacks)]
         for k, (n, attacker) in enumerate(plan):
             # Each N gets a fair share of what is left, so a slow N cannot starve the next.
             stop_at = time.perf_counter() + (stop_all - time.perf_counter()) / (len(plan) - k)
@@ -510,7 +566,8 @@ def main() -> None:
         "runs": runs,
     }
     if args.hostile:
-        out["attacks"] = attacks  # what the hostile visitor got, by attack and outcome
+        out["attacks"] = attacks  # what the hostile visitor got, by attack and outcome ("loops": rounds done)
+        out["attacker"] = {"process": "own", "nice": args.attacker_nice, "attacks": list(args.attacks)}
         out["app_peak_rss_mb"] = peak_rss_mb
         for n in writers:
             calm = next(r for r in runs if r["writers"] == n and not r["attacked"])

@@ -1,0 +1,3 @@
+"""tabwrite's tests."""
+
+import models  # noqa: F401  (OpenMP's wait policy, before anything loads PyTorch: models/__init__.py)
