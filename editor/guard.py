@@ -123,14 +123,20 @@ MAX_VISITORS_TRACKED = 10_000  # buckets kept (least recently seen dropped: a fu
 TOO_MANY = "Too many requests from your address: at most {rate:g} a second. Wait a moment and try again."
 
 
-def trust_proxy() -> bool:
-    """Whether a proxy in front says who the client is (Hugging Face Spaces, or $TABWRITE_TRUST_PROXY=1)."""
-    return bool(os.environ.get("SPACE_ID")) or os.environ.get("TABWRITE_TRUST_PROXY") == "1"
+def trust_proxy() -> int:
+    """How many proxies in front append to X-Forwarded-For, each the address it saw: 0 for none
+    (the default), $TABWRITE_TRUST_PROXY (1 to 9: a proxy behind another one is 2), or 1 on a
+    Hugging Face Space when that is not set."""
+    value = os.environ.get("TABWRITE_TRUST_PROXY", "").strip()
+    if value.isdigit():
+        return min(int(value), 9)
+    return 1 if os.environ.get("SPACE_ID") else 0
 
 
 def visitor_address(host: str, forwarded: str) -> str:
-    """Who is calling: the client's address, or behind a trusted proxy the address the proxy saw
-    (the last X-Forwarded-For entry: the ones before it are whatever the client wrote).
+    """Who is calling: the client's address, or behind N trusted proxies the address the
+    outermost one saw (the Nth X-Forwarded-For entry from the end: those before it are whatever
+    the client wrote; with fewer entries than that, the first).
 
     An IPv6 address counts as its /64: that is what one customer's line or one server usually
     gets (RFC 6177; hosting providers hand out a /64 per machine), and one host picks any
@@ -139,9 +145,10 @@ def visitor_address(host: str, forwarded: str) -> str:
     IPv4 address written as IPv6 (::ffff:a.b.c.d) is that IPv4 address. (Parsing an IPv6
     address costs ~15 us a request, against the few ms Gradio spends on one.)
     """
-    if trust_proxy():
+    hops = trust_proxy()
+    if hops:
         entries = [h.strip() for h in forwarded.split(",") if h.strip()]
-        host = entries[-1] if entries else host
+        host = entries[-min(hops, len(entries))] if entries else host
     return _grouped(host.strip()[:64]) or "unknown"
 
 

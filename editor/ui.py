@@ -50,9 +50,8 @@ def _one_dict(args) -> dict:
 
 
 def _visitor_of(request) -> str:
-    """Who is calling: the client's address, or behind a proxy that says so (Hugging Face Spaces,
-    or $TABWRITE_TRUST_PROXY=1), the address the proxy saw (the last X-Forwarded-For entry: the
-    ones before it are whatever the client wrote)."""
+    """Who is calling: the client's address, or behind proxies that say so (Hugging Face Spaces,
+    or $TABWRITE_TRUST_PROXY=N), the address the outermost one saw (editor/guard.py visitor_address)."""
     client = getattr(request, "client", None)
     headers = getattr(request, "headers", None) or {}
     return visitor_address(str(getattr(client, "host", "") or ""), str(headers.get("x-forwarded-for", "")))

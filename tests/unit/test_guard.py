@@ -29,6 +29,17 @@ def test_the_visitor_is_the_proxy_s_last_entry_only_when_a_proxy_is_trusted(monk
     monkeypatch.setenv("TABWRITE_TRUST_PROXY", "1")
     assert guard.visitor_address("127.0.0.1", "6.6.6.6, 203.0.113.9") == "203.0.113.9"
     assert guard.visitor_address("", "") == "unknown"
+    # Two proxies (a load balancer in front of the one next to the app): the outer one's entry.
+    monkeypatch.setenv("TABWRITE_TRUST_PROXY", "2")
+    assert guard.visitor_address("127.0.0.1", "6.6.6.6, 203.0.113.9, 10.0.0.5") == "203.0.113.9"
+    assert guard.visitor_address("127.0.0.1", "10.0.0.5") == "10.0.0.5"  # fewer entries than proxies: the first
+    monkeypatch.setenv("TABWRITE_TRUST_PROXY", "0")  # off, even on a Space
+    monkeypatch.setenv("SPACE_ID", "someone/tabwrite")
+    assert guard.visitor_address("127.0.0.1", "6.6.6.6") == "127.0.0.1"
+    monkeypatch.delenv("TABWRITE_TRUST_PROXY")  # a Space without the setting: one proxy
+    assert guard.visitor_address("127.0.0.1", "6.6.6.6, 203.0.113.9") == "203.0.113.9"
+    monkeypatch.setenv("TABWRITE_TRUST_PROXY", "yes")  # not a count: as if unset
+    assert guard.visitor_address("127.0.0.1", "6.6.6.6, 203.0.113.9") == "203.0.113.9"
 
 
 def test_an_ipv6_host_is_one_visitor_whatever_address_of_its_64_it_uses(monkeypatch):
