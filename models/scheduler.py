@@ -113,9 +113,12 @@ class Scheduler(Generic[Task]):
     def serve_here(self, stop: threading.Event | None = None) -> None:
         """Be the worker in the calling thread until ``stop`` is set.
 
-        app.py gives it the main thread, which loaded the model. On these CPUs PyTorch's
-        OpenMP runtime answers the thread that first used it faster than any later one: a
-        decode step from another thread took ~35 % longer here (54 vs 40 ms for Gemma, batch 3).
+        app.py gives it the main thread, which loaded the model. A thread that was not the
+        first to use PyTorch runs it slower: its OpenMP team comes on top of the first one's,
+        more threads than cores (a decode step took ~35 % longer, 54 vs 40 ms for Gemma, batch 3).
+        Remeasured 2026-12-07 (Gemma, 200-token prompt, 4/12/32, AMD EPYC 2 cores), a thread of
+        the queue's own against the main thread: 22.0 against 13.9 ms a token with OpenMP's
+        default wait policy, 14.9 against 12.7 with the one models/__init__.py sets.
         """
         stop = stop or threading.Event()
         with self._wakeup:
