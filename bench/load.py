@@ -347,7 +347,7 @@ def ms(values, q: float | None = None) -> int | None:
     return round(1000 * (statistics.median(values) if q is None else percentile(values, q)))
 
 
-def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_at: float, attacker=None) -> dict:
+def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_at: float, attack_log: dict | None = None) -> dict:
     rng = random.Random(f"{args.seed}:{n}")
     per_writer = max(args.min_writer_presses, math.ceil(args.presses / n))
     langs = ["zh" if i % CHINESE_EVERY == CHINESE_EVERY - 1 else "en" for i in range(n)]
@@ -370,7 +370,7 @@ def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_
     results: list = []
     clock = {"ready": threading.Semaphore(0), "go": threading.Event(), "t0": 0.0, "stop_at": stop_at, "connect_s": 60.0}
     attack = None
-    if attacker is not None:  # attacker: the dict its outcomes are added to
+    if attack_log is not None:  # with a hostile visitor, whose outcomes are counted in attack_log
         import multiprocessing
 
         spawn = multiprocessing.get_context("spawn")
@@ -401,9 +401,9 @@ def run(url: str, n: int, args, texts: dict, used: set, count, call: dict, stop_
         attack_stop.set()
         try:
             for key, value in attack_out.get(timeout=120).items():
-                attacker[key] = attacker.get(key, 0) + value
+                attack_log[key] = attack_log.get(key, 0) + value
         except Exception:
-            attacker["attacker: no report"] = attacker.get("attacker: no report", 0) + 1
+            attack_log["attacker: no report"] = attack_log.get("attacker: no report", 0) + 1
         attack.join(timeout=30)
         if attack.is_alive():
             attack.kill()
@@ -523,11 +523,11 @@ def main() -> None:
         attacks: dict = {}
         if args.hostile:  # each N alone, then with the attacker: the same writers' presses, side by side
             plan = [(n, a) for n in writers for a in (None, attacks)]
-        for k, (n, attacker) in enumerate(plan):
+        for k, (n, attack_log) in enumerate(plan):
             # Each N gets a fair share of what is left, so a slow N cannot starve the next.
             stop_at = time.perf_counter() + (stop_all - time.perf_counter()) / (len(plan) - k)
-            runs.append(dict(run(url, n, args, texts, used, count, call, stop_at, attacker),
-                             attacked=attacker is not None))
+            runs.append(dict(run(url, n, args, texts, used, count, call, stop_at, attack_log),
+                             attacked=attack_log is not None))
             print(f"[bench.load] {n} writers: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
         peak_rss_mb = None
         if proc is not None:

@@ -3,6 +3,7 @@ once a second thread ran PyTorch work, every Tab press was ~45 % slower without 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,14 +30,14 @@ print(seen["policy"])
 
 @pytest.mark.parametrize("entry", ["app", "editor.ui", "bench.latency", "bench.load", "bench.personalize", "models.engine"])
 def test_the_wait_policy_is_set_before_torch_loads(entry):
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", PROBE, entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "('ACTIVE', '300000')"
 
 
 def test_an_operators_own_setting_wins():
-    env = {**__import__("os").environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     out = subprocess.run([sys.executable, "-c", PROBE, "models.engine"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
