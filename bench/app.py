@@ -13,6 +13,9 @@ cold press each way, on the same prompt and settings, and gives the ratios to th
   rows final) and `result.first_ready_s` (the first one);
 - api_suggest: the /suggest API of a running `python app.py`, through gradio_client, timed
   around the call (it answers all the rows at once: no first-suggestion time);
+- api_suggest_http: the same API through its plain HTTP protocol (what `curl` does: POST
+  /gradio_api/call/suggest, then read the answer's event stream as it comes), alternating
+  press by press with gradio_client's;
 - browser: the editor in Debian Chromium (Playwright): Tab in the text area until the answer
   is in the popup (the status line shows "<model> (<device>) · <elapsed_ms> ms"), and until
   the first row is shown. Times are taken in the page (performance.now at the keydown, a
@@ -45,9 +48,10 @@ so the paths are not interleaved: drift of the machine between phases shows as n
 
 Expected differences, and the figures that isolate them:
 - api: a queued Gradio event: gradio_client posts to the queue, then reads the answer from a
-  server-sent event stream (its reader sleeps 50 ms when it finds nothing). `floor_p50_ms` is
-  that alone: a press on blank text, which the engine answers without running the model. A
-  fixed cost, not a share of the press.
+  server-sent event stream (its reader sleeps 50 ms when it finds nothing: a press ends in steps
+  of 50 ms). `floor_p50_ms` is that alone: a press on blank text, which the engine answers
+  without running the model. A fixed cost, not a share of the press. api_suggest_http reads the
+  same stream without sleeping: its floor is the app's own (Gradio's queue, HTTP, JSON).
 - browser: the editor calls a server function (not queued; one POST answered from Gradio's
   thread pool) whose clock gives `server_elapsed`. While it runs, the page polls
   suggestion_progress every 120 ms after the last poll came back (editor.js followProgress):
@@ -63,6 +67,7 @@ transport and the page, and api - engine should be about the api's floor.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -73,6 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -87,8 +93,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 # A different first token for every press of the app: one token each (checked: prompt_tokens_range).
-LEADS = [f"{c}. " for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"]
-MAX_RUNS = (len(LEADS) - 2) // 3  # the API and the browser need runs + 1 each, the still spinner runs
+LEADS = [f"{c}. " for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"]
+MAX_RUNS = (len(LEADS) - 3) // 4  # the two API clients and the browser need runs + 1 each, the still spinner runs
 LENGTHS = [4, 12, 32]
 CALL = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "lengths": ", ".join(map(str, LENGTHS)), "max_time": 30.0}
 PRESS_TIMEOUT_S = 90  # a press takes 1-2 s here; max_time is 30
@@ -268,35 +274,82 @@ def stop_app(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------- phase B: /suggest
 
 
-def api_presses(url: str, app: subprocess.Popen, call: dict, warm: str, texts: list[str]) -> dict:
+class HttpSuggest:
+    """/suggest over Gradio's documented HTTP protocol, as `curl` calls it: POST
+    /gradio_api/call/suggest gives an event id, GET /gradio_api/call/suggest/<id> streams the
+    answer as server-sent events. Read as it comes, with no polling: what the app costs."""
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlparse(url)
+        self.host, self.port = parts.hostname, parts.port
+
+    def predict(self, text: str, call: dict) -> list[str]:
+        order = ("temperature", "top_k", "top_p", "lengths", "max_time", "model")
+        body = json.dumps({"data": [text, *(call.get(k, "") for k in order), ""]})
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=PRESS_TIMEOUT_S)
+        try:
+            conn.request("POST", "/gradio_api/call/suggest", body, {"Content-Type": "application/json"})
+            event = json.loads(conn.getresponse().read())["event_id"]
+            conn.request("GET", f"/gradio_api/call/suggest/{event}")
+            answer = conn.getresponse()
+            kind = ""
+            while line := answer.readline():
+                line = line.decode().strip()
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind in ("complete", "error"):
+                    data = json.loads(line[5:])
+                    if kind == "error":
+                        raise RuntimeError(str(data)[:100])
+                    return [str(r) for r in data[0] or []]
+            raise RuntimeError("the answer's stream ended without one")
+        finally:
+            conn.close()
+
+
+def api_presses(url: str, app: subprocess.Popen, call: dict, warm: str, texts: list[str], http_texts: list[str]) -> tuple[dict, dict]:
+    """/suggest through gradio_client (``texts``) and through plain HTTP (``http_texts``), alternating."""
     from gradio_client import Client
 
     client = Client(url, verbose=False)  # connecting is not part of a press
     client.predict(warm, **call, api_name="/suggest")
-    out = {"times_ms": [], "floor_ms": [], "prompts": [], "rows": [], "errors": [], "cpu": CpuMeter(app)}
-    for text in texts:
+    plain = HttpSuggest(url)
+    ways = {
+        "client": (lambda text: client.predict(text, **call, api_name="/suggest"), texts),
+        "http": (lambda text: plain.predict(text, call), http_texts),
+    }
+    outs = {way: {"times_ms": [], "floor_ms": [], "prompts": [], "rows": [], "errors": [], "cpu": CpuMeter(app)} for way in ways}
+
+    def press(way: str, text: str) -> None:
+        out, fn = outs[way], ways[way][0]
         out["cpu"].start()
         started = time.perf_counter()
         try:
-            answer = client.predict(text, **call, api_name="/suggest")
+            answer = fn(text)
         except Exception as e:  # counted, not hidden
             out["errors"].append(f"{type(e).__name__}: {str(e)[:100]}")
-            continue
+            return
         out["times_ms"].append(1000 * (time.perf_counter() - started))
         out["cpu"].stop()
         out["prompts"].append(text)
         out["rows"].append([str(r) for r in answer or []])
-    for _ in texts:
-        # Blank text: the engine answers "Type a few words first" without the model, and the
-        # API raises it as an error: the round trip of a press, and nothing else.
-        started = time.perf_counter()
-        try:
-            client.predict(" ", **call, api_name="/suggest")
-        except Exception:
-            pass
-        out["floor_ms"].append(1000 * (time.perf_counter() - started))
+
+    for run, pair in enumerate(zip(texts, http_texts)):
+        # Alternating which goes first, so that drift of the machine hits both alike.
+        for way in (("client", "http") if run % 2 == 0 else ("http", "client")):
+            press(way, pair[0] if way == "client" else pair[1])
+    for way, (fn, _) in ways.items():
+        for _ in texts:
+            # Blank text: the engine answers "Type a few words first" without the model, and the
+            # API raises it as an error: the round trip of a press, and nothing else.
+            started = time.perf_counter()
+            try:
+                fn(" ")
+            except Exception:
+                pass
+            outs[way]["floor_ms"].append(1000 * (time.perf_counter() - started))
     client.close()
-    return out
+    return outs["client"], outs["http"]
 
 
 # ---------------------------------------------------------------- phase C: the browser
@@ -510,6 +563,7 @@ def main() -> None:
     api_warm, *api_texts = prompts(text, 0, runs + 1)
     browser_warm, *browser_texts = prompts(text, runs + 1, runs + 1)
     still_texts = prompts(text, 2 * runs + 2, runs)
+    http_texts = prompts(text, 3 * runs + 2, runs)
     call = dict(CALL, top_k=1) if args.greedy else dict(CALL)
 
     browser_skip = "--no-browser" if args.no_browser else None
@@ -528,7 +582,7 @@ def main() -> None:
         app_start_s = time.perf_counter() - started
         try:
             log(f"phase B: /suggest, {runs} presses at {url}")
-            api = api_presses(url, proc, dict(call, model=args.model), api_warm, api_texts)
+            api, api_http = api_presses(url, proc, dict(call, model=args.model), api_warm, api_texts, http_texts)
             browser = None
             if browser_skip is None:
                 log(f"phase C: Chromium, {runs} presses, and {runs} with the spinner still")
@@ -539,18 +593,20 @@ def main() -> None:
         finally:
             stop_app(proc)
     # With --greedy, on every path's prompts too: the pairs of presses on equal work.
-    engine_texts = api_texts + (browser_texts + still_texts if args.greedy and browser else [])
+    engine_texts = api_texts + (http_texts if args.greedy else []) + (browser_texts + still_texts if args.greedy and browser else [])
     log(f"phase D: the engine in this process, {len(engine_texts)} presses")
     engine_all, engine = engine_presses(args.model, call, api_warm, engine_texts)
     engine_run = pick(engine_all, api_texts)  # its figures: as many presses as the other paths
 
     context = Settings().context_tokens  # the app's default, which no path changes
-    prompt_tokens = [len(engine.prompt_ids(t, context)[0]) for t in api_texts + browser_texts + still_texts]
+    prompt_tokens = [len(engine.prompt_ids(t, context)[0]) for t in api_texts + http_texts + browser_texts + still_texts]
     engine_out = summary(engine_run, engine)
     engine_out["sampled_tokens_per_press"] = round(statistics.mean(engine_run["row_tokens"]), 1)
     engine_out["steps_per_press"] = round(statistics.mean(engine_run["steps"]), 1)  # vs longest_row_tokens
     api_out = summary(api, engine, first=False)  # the API answers all rows at once, with no clock of the app's
     api_out["floor_p50_ms"] = ms(api["floor_ms"])
+    http_out = summary(api_http, engine, first=False)
+    http_out["floor_p50_ms"] = ms(api_http["floor_ms"])
     out = {
         "model": engine.name,
         "cpu_model": cpu_model(),
@@ -562,6 +618,7 @@ def main() -> None:
         "app_start_s": round(app_start_s, 1),
         "engine_in_process": engine_out,
         "api_suggest": api_out,
+        "api_suggest_http": http_out,
     }
     if browser is None:
         out["browser"] = {"skipped": browser_skip}
@@ -576,6 +633,7 @@ def main() -> None:
         out["browser_spinner_still"] = summary(browser["still"], engine, server=True)
     engine_p50, engine_first = engine_out["p50_ms"], engine_out["first_p50_ms"]
     out["ratio_api_vs_engine"] = ratio(api_out["p50_ms"], engine_p50)
+    out["ratio_api_http_vs_engine"] = ratio(http_out["p50_ms"], engine_p50)
     for name in ("browser", "browser_spinner_still"):
         path = out.get(name, {})
         out[f"ratio_{name}_vs_engine"] = ratio(path.get("p50_ms"), engine_p50)
@@ -583,10 +641,12 @@ def main() -> None:
         out[f"first_ratio_{name}_vs_engine"] = ratio(path.get("first_p50_ms"), engine_first)
     per_token = engine_out["ms_per_longest_row_token_p50"]
     out["per_token_ratio_api_vs_engine"] = ratio(api_out["ms_per_longest_row_token_p50"], per_token)
+    out["per_token_ratio_api_http_vs_engine"] = ratio(http_out["ms_per_longest_row_token_p50"], per_token)
     for name in ("browser", "browser_spinner_still"):
         out[f"per_token_ratio_{name}_vs_engine"] = ratio(out.get(name, {}).get("ms_per_longest_row_token_p50"), per_token)
     if args.greedy:
         out["api_suggest"].update(paired(api, engine_all))
+        out["api_suggest_http"].update(paired(api_http, engine_all))
         if browser is not None:
             out["browser"].update(paired(browser["spinning"], engine_all))
             out["browser_spinner_still"].update(paired(browser["still"], engine_all))

@@ -160,8 +160,17 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
             after=str(payload.get("after") or "")[:MAX_AFTER_CHARS],
         )
 
-    def suggestion_progress(args, request: gr.Request) -> dict:
-        return service.progress(_session_of(request))
+    async def suggestion_progress(args, request: gr.Request) -> dict:
+        # {"seq": n, "seen": rows, "wait": true}: answered when press n has more rows than that, or
+        # has ended (at most PROGRESS_WAIT_S), on the event loop. Without "wait": at once.
+        payload = _one_dict(args)
+        if payload.get("wait") is not True:
+            return service.progress(_session_of(request))
+        try:
+            seq, seen = int(payload.get("seq")), int(payload.get("seen", 0))
+        except (TypeError, ValueError, OverflowError):
+            return service.progress(_session_of(request))
+        return await service.next_progress(_session_of(request), seq, seen)
 
     def score_for_editor(args, request: gr.Request) -> dict:
         return service.score(

@@ -188,3 +188,30 @@ def test_browser_that_disconnects_mid_press_frees_the_model(app_url):
             break
         time.sleep(0.25)
     assert last is not None and last["cancelled"] and not last["timed_out"], last
+
+
+def test_a_waiting_progress_poll_brings_the_first_row_while_the_press_runs(app_url):
+    """The editor's poll ({"seq", "seen", "wait": true}) is answered when a row is ready, through real HTTP."""
+    session = "waiting-poll-test"
+    # Round 6: long rows, seconds of work; the shortest is ready long before the press ends.
+    press = _server_function(app_url, session, "suggest_for_editor", {"text": "The history of the city began when", "round": 6, "seq": 41})
+    try:
+        rows = []
+        for _ in range(40):  # each poll comes back with news or after at most 1.5 s
+            poll = _server_function(app_url, session, "suggestion_progress", {"seq": 41, "seen": 0, "wait": True})
+            answer = json.loads(poll.getresponse().read())
+            poll.close()
+            if answer.get("seq") == 41 and answer.get("suggestions"):
+                rows = answer["suggestions"]
+                break
+        assert rows and rows[0]["text"]
+        press.sock.settimeout(0.0)  # the press has not answered yet: its rows were not all ready
+        with pytest.raises(BlockingIOError):
+            press.sock.recv(1, socket.MSG_PEEK)
+        press.sock.settimeout(60)
+        final = json.loads(press.getresponse().read())
+        assert rows[0]["text"] in [s["text"] for s in final["suggestions"]]
+    finally:
+        press.close()
+
+
