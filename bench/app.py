@@ -54,8 +54,8 @@ Expected differences, and the figures that isolate them:
   same stream without sleeping: its floor is the app's own (Gradio's queue, HTTP, JSON).
 - browser: the editor calls a server function (not queued; one POST answered from Gradio's
   thread pool) whose clock gives `server_elapsed`. While it runs, the page polls
-  suggestion_progress every 120 ms after the last poll came back (editor.js followProgress):
-  the first row shows up to ~120 ms plus a round trip after it was ready, and each poll is a
+  suggestion_progress, each poll waiting on the server until a row more is ready (editor.js
+  followProgress): the first row shows a round trip after it was ready, and each poll is a
   request the server answers (Python, under the GIL) while the engine decodes. Chromium runs
   on the same 2 cores, as a local app's browser does. `floor_p50_ms`: a Tab on an empty text.
 - no worker-thread difference: app.py serves presses on its main thread
