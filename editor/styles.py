@@ -15,6 +15,7 @@ by others learns styles only when its operator says so (app.py --personalize).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from models.registry import ModelNotFound, cache_root
 MIN_CHARS = 2000
 MAX_CHARS = int(os.environ.get("TABWRITE_STYLE_MAX_CHARS", 60000))  # a longer text: its last MAX_CHARS characters
 MAX_SECONDS = float(os.environ.get("TABWRITE_STYLE_MAX_S", 600))  # a job stops after this long (training and measuring)
+TAIL_S = 15.0  # at least this long is left after the training for the job's last stages
 MAX_STYLES = int(os.environ.get("TABWRITE_MAX_STYLES", 100))  # on this server
 STYLES_PER_OWNER = 8
 IN_MEMORY = 2  # learned styles kept loaded (each ~300 MB for Gemma 3 270M: its body in the tuned formats)
@@ -302,10 +304,16 @@ class Styles:
                 last_said[0] = time.monotonic()
                 _log(progress.line())
 
+        # The training's time on the clock: what the job's plan leaves once the stages after it
+        # (folding the adapter in, measuring, the examples) have had as long as those before it.
+        before_s = time.monotonic() - started
+        wall = max(0.0, min(config.wall_seconds, config.job_seconds - before_s - max(TAIL_S, before_s)))
+        _log(f"training planned to end within {wall:.0f} s ({before_s:.0f} s of the job's {config.job_seconds:.0f} s spent)")
         try:
-            style.train(model, base.tokenizer, train_text, config, report, should_stop)
+            style.train(model, base.tokenizer, train_text, dataclasses.replace(config, wall_seconds=wall), report, should_stop)
         except style.Cancelled as e:
             raise StyleError(str(e)) from None
+        trained_at = time.monotonic()
         state = style.lora_state(model)
         del model
         gc.collect()  # the training's mapping of the weights file goes with it
@@ -336,7 +344,7 @@ class Styles:
             while len(self._engines) > IN_MEMORY:
                 self._engines.popitem(last=False)
         _log(f"style {meta['model']} ready: bits/char {before:.3f} -> {after:.3f} on {len(held)} held-out characters "
-             f"({figures['seconds']:.0f} s)")
+             f"({figures['seconds']:.0f} s: {before_s:.0f} before the training, {time.monotonic() - trained_at:.0f} after)")
         return dict(meta, owner_key=owner_key)
 
     @staticmethod

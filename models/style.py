@@ -58,7 +58,13 @@ class StyleConfig:
     # (bench/personalize.py: a press every 0.3 s) leaves the training a quarter of the CPU,
     # and a run planned by its own time alone then ran past the job's 600 s and was lost.
     # The plan is redone after every step, so the training ends with fewer steps instead.
+    # (editor/styles.py sets it for each job from job_seconds.)
     wall_seconds: float = 400.0
+    # A job, click to adapted suggestions, is planned to take at most this long: the training
+    # gets what the stages around it leave. With 400 s of training the Chinese job took 438 s
+    # with a writer pressing Tab all along (2026-12-07), ~38 s of it measuring, preparing, folding
+    # the adapter in and comparing suggestions, before and after the training.
+    job_seconds: float = 280.0
 
 
 class Cancelled(Exception):

@@ -172,3 +172,19 @@ def test_learn_refuses_with_one_line(tok, folder, tmp_path):
         styles._job.release()
     with pytest.raises(Exception, match="not a style this app has"):
         styles.engine("tiny+mine@AAAAAAAAAAAAAAAA")
+
+
+def test_a_job_fits_its_training_into_what_job_seconds_leaves(tok, folder, tmp_path):
+    base = base_engine(tok, folder)
+    text = "\n".join(CORPUS[:4] * 12)
+    plans = {}
+    for job_seconds in (0.0, 600.0):
+        config = style.StyleConfig(**{**vars(CONFIG), "epochs": 3, "job_seconds": job_seconds})
+        seen = []
+        answer = Styles(lambda name: base, tmp_path / str(job_seconds), config=config).learn(text, "mine", "tiny", on_progress=seen.append)
+        assert "error" not in answer, answer
+        plans[job_seconds] = [p for p in seen if p.stage == "training"]
+    # A job with no time left trains the least a plan allows; with time, the three passes asked.
+    spent, ample = plans[0.0], plans[600.0]
+    assert spent[-1].done == spent[-1].total == 2
+    assert ample[-1].done == ample[-1].total == ample[0].total > 2
