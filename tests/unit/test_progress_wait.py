@@ -67,9 +67,28 @@ def pressing(monkeypatch):
     press.join(10)
 
 
+def run(make):
+    """``asyncio.run(make())`` in a thread of its own: the suite's browser tests leave an event
+    loop running in this one (Playwright's)."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(make())
+        except BaseException as e:  # noqa: BLE001 - raised again below
+            box["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(60)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def poll(service, seq, seen, limit=20.0):
     """One waiting poll, given ``limit`` s to come back (it must come back on news, not time)."""
-    return asyncio.run(asyncio.wait_for(service.next_progress(SESSION, seq, seen), limit))
+    return run(lambda: asyncio.wait_for(service.next_progress(SESSION, seq, seen), limit))
 
 
 def test_a_waiting_poll_is_answered_at_once_with_the_row_that_is_ready(pressing):
@@ -108,7 +127,7 @@ def test_a_session_has_few_waiting_polls_and_the_rest_are_answered_at_once(press
         done = await asyncio.wait_for(asyncio.gather(*waiting), 20)
         return extra, done
 
-    extra, done = asyncio.run(many())
+    extra, done = run(many)
     assert extra["seq"] == 3 and all(d["seq"] == 3 for d in done)
     assert service.session(SESSION, create=False).waiting == ()  # none left behind
 
@@ -133,6 +152,6 @@ def test_a_poll_waiting_before_the_first_row_is_woken_by_it(monkeypatch):
 
 def test_a_poll_of_an_unknown_session_is_answered_at_once_and_makes_none():
     service = SuggestService("m", backend=Server(Model()))
-    progress = asyncio.run(asyncio.wait_for(service.next_progress("203.0.113.1|nobody", 1, 0), 5))
+    progress = run(lambda: asyncio.wait_for(service.next_progress("203.0.113.1|nobody", 1, 0), 5))
     assert progress["last"] is None
     assert service.session("203.0.113.1|nobody", create=False) is None
