@@ -120,6 +120,8 @@ def test_another_visitor_cannot_push_out_read_or_cancel_a_session(app):
     time.sleep(1.0)  # the attacker's bucket fills a little again, for the calls below
     # ... and uses the victim's session id from their own address: that reaches a session of their own.
     assert server_function(app, "suggestion_progress", {}, session, attacker).get("last") is None
+    waited = server_function(app, "suggestion_progress", {"seq": 1, "seen": 0, "wait": True}, session, attacker)
+    assert waited.get("last") is None and not waited.get("suggestions"), waited  # nothing of the victim's rows
     server_function(app, "cancel_suggestions", {}, session, attacker)
     # The victim's session is still there, untouched: its last press is what the victim did.
     mine = server_function(app, "suggestion_progress", {}, session, victim)
