@@ -10,8 +10,8 @@ sleep for each made it ~45 % slower for as long as the process lived (Gemma, 200
 4/12/32 tokens, AMD EPYC 2 cores: 661 -> 970 ms p50 once a /score had run beside it; five
 writers' p95 1.4-2x with one hostile visitor). ACTIVE with the default spin count keeps the
 short spin whatever the count of teams: 669 / 690 ms calm / beside a scoring, and the OpenMP
-threads of an idle app use no CPU (0 ticks in 3 s; the app's only idle CPU is Gradio's queue
-loop, which wakes every 1 ms: ~2 % of a core). An operator's own settings win (setdefault).
+threads of an idle app use no CPU (0 ticks in 3 s; what an idle app uses, ~1.4 % of a core, is
+Gradio's queue loops: editor/ui.py calm_queue). An operator's own settings win (setdefault).
 """
 
 import os
