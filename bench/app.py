@@ -315,13 +315,14 @@ def api_presses(url: str, app: subprocess.Popen, call: dict, warm: str, texts: l
     client.predict(warm, **call, api_name="/suggest")
     plain = HttpSuggest(url)
     ways = {
-        "client": (lambda text: client.predict(text, **call, api_name="/suggest"), texts),
-        "http": (lambda text: plain.predict(text, call), http_texts),
+        "client": lambda text: client.predict(text, **call, api_name="/suggest"),
+        "http": lambda text: plain.predict(text, call),
     }
+    prompts_of = {"client": texts, "http": http_texts}
     outs = {way: {"times_ms": [], "floor_ms": [], "prompts": [], "rows": [], "errors": [], "cpu": CpuMeter(app)} for way in ways}
 
     def press(way: str, text: str) -> None:
-        out, fn = outs[way], ways[way][0]
+        out, fn = outs[way], ways[way]
         out["cpu"].start()
         started = time.perf_counter()
         try:
@@ -334,11 +335,11 @@ def api_presses(url: str, app: subprocess.Popen, call: dict, warm: str, texts: l
         out["prompts"].append(text)
         out["rows"].append([str(r) for r in answer or []])
 
-    for run, pair in enumerate(zip(texts, http_texts)):
+    for run in range(min(len(texts), len(http_texts))):
         # Alternating which goes first, so that drift of the machine hits both alike.
         for way in (("client", "http") if run % 2 == 0 else ("http", "client")):
-            press(way, pair[0] if way == "client" else pair[1])
-    for way, (fn, _) in ways.items():
+            press(way, prompts_of[way][run])
+    for way, fn in ways.items():
         for _ in texts:
             # Blank text: the engine answers "Type a few words first" without the model, and the
             # API raises it as an error: the round trip of a press, and nothing else.

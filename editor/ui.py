@@ -181,14 +181,14 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
     async def suggestion_progress(args, request: gr.Request) -> dict:
         # {"seq": n, "seen": rows, "wait": true}: answered when press n has more rows than that, or
         # has ended (at most PROGRESS_WAIT_S), on the event loop. Without "wait": at once.
-        payload = _one_dict(args)
+        payload, session = _one_dict(args), _session_of(request)
         if payload.get("wait") is not True:
-            return service.progress(_session_of(request))
+            return service.progress(session)
         try:
             seq, seen = int(payload.get("seq")), int(payload.get("seen", 0))
         except (TypeError, ValueError, OverflowError):
-            return service.progress(_session_of(request))
-        return await service.next_progress(_session_of(request), seq, seen)
+            return service.progress(session)
+        return await service.next_progress(session, seq, seen)
 
     def score_for_editor(args, request: gr.Request) -> dict:
         return service.score(
