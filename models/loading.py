@@ -100,6 +100,14 @@ def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)  # another process finished first
     print(f"[tabwrite] converted in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    # Once per model too: the body's int8 weights rounded by GPTQ (models/rounding.py), which the
+    # tuning may choose for decode steps; made here so a first start does not also wait for them.
+    try:
+        from models import rounding
+
+        rounding.save(rounding.round_model(model.eval(), tokenizer), target.name)
+    except Exception as e:  # noqa: BLE001 - made at the first start that needs them instead
+        print(f"[tabwrite] int8 rounding left for later: {type(e).__name__}", file=sys.stderr, flush=True)
 
 
 # The conversion runs in a process of its own. In this process it starved the presses on a
@@ -231,10 +239,15 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
     fuse_norms(model)
     weights, tuning, absmax = str(dtype).split(".")[-1], None, {}
     if device.type == "cpu":
+        from models import rounding
         from models.tuning import tune_or_load
 
         linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}  # kept alive: ids stay theirs
-        tuning = tune_or_load(model, tokenizer, cache_root() / "tuning", model_key)
+
+        def round_body() -> dict:
+            return rounding.by_layer(model, rounding.load_or_make(model, tokenizer, model_key))
+
+        tuning = tune_or_load(model, tokenizer, cache_root() / "tuning", model_key, rounding=round_body)
         weights = tuning.describe()
         # By name, so a model with the same body (a learned style) is made the same way.
         absmax = {n: tuning.absmax[id(m)] for n, m in linears.items() if id(m) in tuning.absmax}

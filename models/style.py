@@ -296,7 +296,8 @@ def merged(base, folder: str, state: dict[str, torch.Tensor], config: StyleConfi
         layers = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
         absmax = {id(m): base.absmax[n] for n, m in layers.items() if n in base.absmax}
         groups = tuning.linear_groups(model)
-        tuning.apply(groups, {g.key: base.tuning.choice[g.key] for g in groups}, absmax)
+        choice = tuning.unrounded(base.tuning)  # GPTQ's rounding is the base weights'; these are changed
+        tuning.apply(groups, {g.key: choice[g.key] for g in groups}, absmax)
         del layers, groups
     return LoadedModel(name, model, base.tokenizer, base.device, base.dtype, base.context_length, weights, base.tuning,
                        folder=folder, absmax=base.absmax)

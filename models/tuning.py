@@ -41,13 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.core import give_back_memory
-from models.kernels import KERNELS, REFERENCE, Kernel, TunedLinear, release_pages
+from models.kernels import KERNELS, REFERENCE, Int8Weight, Kernel, TunedLinear, release_pages
 from models.settings import Settings
 from models.steps import sampling_distribution, total_variation
 
 log = logging.getLogger("tabwrite")
 
-TUNING_VERSION = 3  # bump when the choice logic changes: every machine tunes again
+# A layer -> its GPTQ-rounded int8 weight, or None (models/rounding.py; made once per model, on first ask).
+Rounded = Callable[[nn.Module], "Int8Weight | None"]
+
+TUNING_VERSION = 4  # bump when the choice logic changes: every machine tunes again
 FEW_ROWS = 16  # a layer input of at most this many rows runs the "few" way (decode steps, short typed prompts)
 TIMED_FEW = 3  # one Tab press decodes three rows at a time
 TIMED_BATCH = 48  # a batch of many writers' presses, for the layer with only one way for every row count
@@ -63,6 +66,12 @@ MANY_LAYERS = 6
 # damped: its last token runs the decode way (see kernels.TunedLinear), and smoothed int8
 # (8e-3 to 3e-2) cost +0.2/+0.3 % bits/char there.
 FEW_TOLERANCE = 4e-3
+# int8 weights rounded by GPTQ (models/rounding.py) are let into decode steps at their layer
+# error (Gemma: 4-7e-3 on the probe's inputs, to nearest 6-11e-3) and then judged, like every
+# choice, by the whole model on the probe text below: on held-out text read as a press the
+# distribution moved 0.029 / 0.037 with them, 0.034 / 0.045 rounded to nearest (fp16: 0.020 /
+# 0.025; EPYC, 2026-12-07).
+ROUNDED_FEW_TOLERANCE = 1.2e-2
 LAYER_TOLERANCE = 4e-2
 PROBE_TOLERANCE_PCT = 1.0  # bits/char on the probe text may rise this much over fp32, per language
 # ... and the distribution the suggestions are drawn from (after each decode step) may move this
@@ -327,12 +336,13 @@ def measured_weights(group: Group) -> tuple[list[torch.Tensor], float]:
 
 
 def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor, best: dict[str, float],
-            ready: list | None = None) -> tuple[Measured, list | None]:
+            ready: list | None = None, rounded: Rounded | None = None) -> tuple[Measured, list | None]:
     """Prepare ``kernel`` for every layer of ``group``, check it on real inputs and time it.
 
     ``reference``: the fp32 output of the group's first layer on the probe's rows. ``best``: the
     fastest times so far (ms) by regime. Returns the measurement and the prepared weights
     (None if refused). ``ready``: the whole group's weights in this format, already made.
+    ``rounded``: each layer's GPTQ int8 weight, for the ways that take one.
     """
     found = Measured(kernel.name)
     if not kernel.available():
@@ -348,7 +358,9 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
         weights, scale = measured_weights(group)
         layers = [layer for _, _, layer in group.layers]
         # The first layer first: a way that fails the check costs one layer's preparing, not all.
-        prepared = ready if ready is not None and scale == 1.0 else [kernel.prepare(weights[0], probe.absmax.get(id(layers[0])))]
+        has_rounding = kernel.rounded and scale == 1.0 and rounded is not None
+        round_of = rounded if has_rounding else (lambda layer: None)
+        prepared = ready if ready is not None and scale == 1.0 else [kernel.make(weights[0], probe.absmax.get(id(layers[0])), round_of(layers[0]))]
         if scale != 1.0 and hasattr(prepared[0], "candidates"):
             # A slice of the vocabulary gets its share of int8-screen's exact rows, so that the
             # time scaled up is the whole layer's (else its fixed part is counted 1/share times).
@@ -363,11 +375,13 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
         if not found.error <= LAYER_TOLERANCE:  # also catches nan
             found.refused = f"output differs from fp32 by {found.error:.1e} (limit {LAYER_TOLERANCE:g})"
             return found, None
-        for_few = not kernel.many_rows_only and found.error <= FEW_TOLERANCE
+        few_limit = ROUNDED_FEW_TOLERANCE if has_rounding and round_of(layers[0]) is not None else FEW_TOLERANCE
+        for_few = not kernel.many_rows_only and found.error <= few_limit
         if (group.single or kernel.few_rows_only) and not for_few:
-            found.refused = f"output differs from fp32 by {found.error:.1e} (limit for decode steps {FEW_TOLERANCE:g})"
+            found.refused = f"output differs from fp32 by {found.error:.1e} (limit for decode steps {few_limit:g})"
             return found, None
-        prepared += [kernel.prepare(w, probe.absmax.get(id(layer))) for w, layer in zip(weights[len(prepared) :], layers[len(prepared) :])]
+        prepared += [kernel.make(w, probe.absmax.get(id(layer)), round_of(layer))
+                     for w, layer in zip(weights[len(prepared) :], layers[len(prepared) :])]
 
         def timed(n: int, regime: str) -> float:
             x = _rows(sample, n)
@@ -403,9 +417,10 @@ def choose(measured: list[Measured], regime: str, excluded: set[str] = frozenset
 
 
 def apply(groups: list[Group], choice: dict[str, dict[str, str]], absmax: dict[int, torch.Tensor],
-          prepared: dict[tuple[str, str], list] | None = None, release: bool = True) -> None:
+          prepared: dict[tuple[str, str], list] | None = None, release: bool = True, rounded: Rounded | None = None) -> None:
     """Swap every layer for a TunedLinear running the chosen ways (``prepared``: weights already
-    made, and where the ones made here are left). ``release``: hand the dense weights' pages back."""
+    made, and where the ones made here are left). ``release``: hand the dense weights' pages back.
+    ``rounded``: each layer's GPTQ int8 weight, for the ways that take one (else they round to nearest)."""
     prepared = {} if prepared is None else prepared
     for group in groups:
         names = choice[group.key]
@@ -413,8 +428,9 @@ def apply(groups: list[Group], choice: dict[str, dict[str, str]], absmax: dict[i
         for regime in ("few", "many"):
             name = names[regime]
             if (group.key, name) not in prepared:
+                round_of = rounded if rounded is not None and KERNELS[name].rounded else (lambda layer: None)
                 prepared[(group.key, name)] = [
-                    KERNELS[name].prepare(layer.weight.detach(), absmax.get(id(layer))) for _, _, layer in group.layers
+                    KERNELS[name].make(layer.weight.detach(), absmax.get(id(layer)), round_of(layer)) for _, _, layer in group.layers
                 ]
             ways[regime] = (name, prepared[(group.key, name)])
         for i, (parent, attr, layer) in enumerate(group.layers):
@@ -502,8 +518,10 @@ def _passes(check: dict) -> bool:
 
 
 @torch.inference_mode()
-def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Callable[[str], None] = _say) -> Tuning:
-    """Measure, choose, check, and leave ``model`` running the choice. ``kernels``: the names to try."""
+def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Callable[[str], None] = _say,
+         rounded: Rounded | None = None) -> Tuning:
+    """Measure, choose, check, and leave ``model`` running the choice. ``kernels``: the names to try;
+    ``rounded``: each layer's GPTQ int8 weight (models/rounding.py), for the ways that take one."""
     started = time.perf_counter()
     groups = linear_groups(model)
     names = kernels or [k for k in ORDER if k in KERNELS] + [k for k in KERNELS if k not in ORDER]
@@ -523,7 +541,7 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
             primary = KERNELS[name].fallback_for
             if primary and any(m.kernel == primary and not m.refused for m in found):
                 continue  # the same format through a faster library ran here: no need of this one
-            m, prepared = measure(group, KERNELS[name], probe, reference, best, kept.get((group.key, name)))
+            m, prepared = measure(group, KERNELS[name], probe, reference, best, kept.get((group.key, name)), rounded)
             found.append(m)
             if not m.refused:
                 for regime, ms in (("few", m.few_ms), ("batch", m.batch_ms), ("many", m.many_ms)):
@@ -548,7 +566,7 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
             f"{choice[group.key]['few']} / {choice[group.key]['many']}")
     choice = within_budget(groups, measured, choice)
     give_back_memory()  # the formats measured and dropped: their pages go back before the winners are made whole
-    check = _settle(model, groups, measured, choice, probe, kept, say)
+    check = _settle(model, groups, measured, choice, probe, kept, say, rounded)
     tuning = Tuning(
         cpu_fingerprint(), choice, {k: [vars(m) for m in v] for k, v in measured.items()}, check,
         round(time.perf_counter() - started, 2), probe.absmax,
@@ -565,6 +583,21 @@ def choice_without(groups: list[Group], measured: dict[str, list[Measured]], exc
         few = choose(measured[group.key], "few", excluded)
         choice[group.key] = {"few": few, "many": few if group.single else choose(measured[group.key], "many", excluded)}
     return within_budget(groups, measured, choice, excluded)
+
+
+def unrounded(tuning: "Tuning") -> dict[str, dict[str, str]]:
+    """``tuning``'s choice with every way that takes GPTQ's rounding replaced by its shape's next
+    best measured way: for a model whose weights the rounding was not made for (a learned style,
+    models/style.py), where rounding to nearest would move the distribution more than the probe
+    check allowed (0.034 / 0.045 on held-out text against 0.029 / 0.037)."""
+    rounded = {k for k, kernel in KERNELS.items() if kernel.rounded}
+    choice = {key: dict(ways) for key, ways in tuning.choice.items()}
+    for key, ways in choice.items():
+        for regime, way in ways.items():
+            if way in rounded:
+                found = [Measured(**m) for m in tuning.measured.get(key, [])]
+                ways[regime] = choose(found, regime, rounded)
+    return choice
 
 
 def weight_mb(groups: list[Group], choice: dict[str, dict[str, str]]) -> float:
@@ -643,13 +676,13 @@ def shape_swaps(groups: list[Group], measured: dict[str, list[Measured]], choice
     return [f[:3] for f in sorted(found, key=lambda f: (-round(f[3], 3), f[0]))]
 
 
-def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say) -> dict:
+def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say, rounded: Rounded | None = None) -> dict:
     """Apply ``choice`` (in place) and check it on the probe text; while it fails, leave out one
     loose format from one layer shape (shape_swaps), else from the whole model (the one whose
     absence costs a press least and passes), else the loosest, and check again."""
     excluded: set[str] = set()
     for _ in range(len(KERNELS) + 1):  # each round leaves out one more format; fp32 always passes
-        apply(groups, choice, probe.absmax, kept)
+        apply(groups, choice, probe.absmax, kept, rounded=rounded)
         check = _check(model, probe)
         in_use = {c[r] for c in choice.values() for r in ("few", "many")}
         loose = sorted((k for k in in_use if KERNELS[k].precision > 0), key=lambda k: -KERNELS[k].precision)
@@ -667,7 +700,7 @@ def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say) -> d
         trials += sorted(((trial, k) for k, trial in whole.items()), key=lambda t: press_cost(groups, measured, t[0]))
         for trial, what in trials:
             restore(groups)
-            apply(groups, trial, probe.absmax, kept)
+            apply(groups, trial, probe.absmax, kept, rounded=rounded)
             attempt = _check(model, probe)
             if _passes(attempt):
                 say(f"  not using {what}")
@@ -680,7 +713,7 @@ def _settle(model, groups, measured, choice, probe: Probe, kept: dict, say) -> d
         restore(groups)
         choice.clear()
         choice.update(choice_without(groups, measured, excluded))
-    apply(groups, choice, probe.absmax, kept)  # not reached: with every loose format left out, fp32 passes
+    apply(groups, choice, probe.absmax, kept, rounded=rounded)  # not reached: with every loose format left out, fp32 passes
     return _check(model, probe)
 
 
@@ -692,15 +725,26 @@ def _paths(folder: Path, model_key: str, fingerprint: dict) -> tuple[Path, Path]
     return folder / f"{stem}.json", folder / f"{stem}.absmax.pt"
 
 
-def tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None] = _say) -> Tuning:
-    """Apply this machine's saved choice for this model, or tune now and save it."""
+def tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None] = _say,
+                 rounding: Callable[[], dict[int, Int8Weight]] | None = None) -> Tuning:
+    """Apply this machine's saved choice for this model, or tune now and save it. ``rounding``:
+    makes each layer's GPTQ int8 weight (models/rounding.py), by id(layer); called, on the
+    model still in fp32, only where a way that takes it is to be measured or applied."""
     try:
-        return _tune_or_load(model, tokenizer, folder, model_key, say)
+        return _tune_or_load(model, tokenizer, folder, model_key, say, rounding)
     finally:
         give_back_memory()
 
 
-def _tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None]) -> Tuning:
+def _rounded(rounding: Callable[[], dict[int, Int8Weight]] | None, ways: set[str]) -> Rounded | None:
+    if rounding is None or not any(KERNELS[w].rounded and KERNELS[w].available() for w in ways if w in KERNELS):
+        return None
+    table = rounding()
+    return lambda layer: table.get(id(layer))
+
+
+def _tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None],
+                  rounding: Callable[[], dict[int, Int8Weight]] | None) -> Tuning:
     fingerprint = cpu_fingerprint()
     path, stats_path = _paths(folder, model_key, fingerprint)
     groups = linear_groups(model)
@@ -713,13 +757,13 @@ def _tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say
         absmax = {id(layer): stats[i] for i, layer in enumerate(layers) if i < len(stats)}
         tuning = Tuning(saved["fingerprint"], saved["choice"], saved.get("measured", {}), saved.get("probe", {}),
                         saved.get("seconds", 0.0), absmax)
-        apply(groups, tuning.choice, absmax)
+        apply(groups, tuning.choice, absmax, rounded=_rounded(rounding, {c[r] for c in tuning.choice.values() for r in c}))
         log.info("matmuls as chosen for this CPU before (%s): %s", path.name, tuning.describe())
         return tuning
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError):
         pass
     layers = [layer for g in groups for _, _, layer in g.layers]
-    tuning = tune(model, tokenizer, say=say)
+    tuning = tune(model, tokenizer, say=say, rounded=_rounded(rounding, set(KERNELS)))
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     torch.save([tuning.absmax.get(id(layer), torch.zeros(layer.in_features)) for layer in layers], stats_path)

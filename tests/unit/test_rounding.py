@@ -1,0 +1,163 @@
+"""GPTQ's int8 rounding (models/rounding.py) and how the tuning takes it (models/tuning.py).
+
+On a tiny random Llama and random matrices: the rounding must lower a layer's error on inputs
+like those it was calibrated on, be kept once per model on disk, reach only the layers it was
+made for, and let int8 into decode steps only where it exists.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import rounding, tuning
+from models.kernels import KERNELS, Int8Weight, Kernel, TunedLinear, quantize_int8
+from tests.unit.test_tuning import _slow, fake, fakes, tiny_model  # noqa: F401  (fakes: a fixture)
+from tests.unit.test_engine_logic import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def correlated_inputs(n: int, width: int, seed: int) -> torch.Tensor:
+    """Rows whose channels co-vary, as a transformer's activations do (random ones would not):
+    one fixed structure per width, new rows for each ``seed``."""
+    fixed = torch.Generator().manual_seed(width)
+    basis = torch.randn(8, width, generator=fixed)
+    mix = torch.randn(width, width, generator=fixed) / width**0.5 + torch.eye(width)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, generator=g) @ basis + 0.3 * torch.randn(n, width, generator=g) @ mix
+
+
+def test_gptq_rounds_closer_than_nearest_on_inputs_like_the_calibration():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 48, 64, generator=g)
+    x = correlated_inputs(512, 64, 1)
+    h = (x.T @ x).expand(2, 64, 64).contiguous()
+    got = rounding.gptq(w, h)
+    test = correlated_inputs(256, 64, 2)  # new rows from the same kind of inputs
+    for i in range(2):
+        nearest = quantize_int8(w[i])
+        assert torch.equal(got.scale[i], nearest.scale)  # the same scales: only the rounding differs
+        assert got.q.dtype == torch.int8 and int(got.q.abs().max()) <= rounding.LEVELS
+        exact = test @ w[i].T
+        err_gptq = float((test @ (got.q[i].float() * got.scale[i][:, None]).T - exact).norm())
+        err_nearest = float((test @ (nearest.q.float() * nearest.scale[:, None]).T - exact).norm())
+        assert err_gptq < 0.8 * err_nearest, (err_gptq, err_nearest)
+
+
+def test_an_input_that_is_always_zero_does_not_break_the_rounding():
+    w = torch.randn(1, 8, 16)
+    x = correlated_inputs(64, 16, 3)
+    x[:, 5] = 0
+    got = rounding.gptq(w, (x.T @ x)[None])
+    assert torch.isfinite(got.scale).all() and int(got.q.abs().max()) <= rounding.LEVELS
+
+
+def test_the_hessians_are_each_layers_inputs_and_shared_where_the_input_is(tok):
+    model, _ = tiny_model()
+    layers = rounding.body_linears(model)
+    assert model.lm_head not in layers.values() and len(layers) == 2 * 7
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1])))
+               for n, m in layers.items()]
+    sums = rounding.hessians(model, tok, layers, ["The quick brown fox jumps over the lazy dog. " * 8])
+    for h in handles:
+        h.remove()
+    q, k, v = (f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    assert sums[q] is sums[k] is sums[v]  # one tensor, summed once
+    gate, up = "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"
+    assert sums[gate] is sums[up] and sums[gate] is not sums[q]
+    down = "model.layers.1.mlp.down_proj"
+    x = torch.cat(seen[down]).float()
+    assert torch.allclose(sums[down], x.T @ x, rtol=1e-4, atol=1e-3)
+
+
+def test_the_rounding_is_made_once_per_model_and_kept_on_disk(tmp_path, monkeypatch, tok):
+    monkeypatch.setenv("TABWRITE_CACHE", str(tmp_path))
+    made: list[int] = []
+    real = rounding.round_model
+    monkeypatch.setattr(rounding, "round_model", lambda *a, **k: made.append(1) or real(*a, **k))
+    model, _ = tiny_model()
+    first = rounding.load_or_make(model, tok, "tiny", say=lambda m: None)
+    assert made == [1] and rounding.path_for("tiny").is_file()
+    again = rounding.load_or_make(model, tok, "tiny", say=lambda m: None)
+    assert made == [1] and set(again) == set(first)
+    assert all(torch.equal(again[n].q, first[n].q) and torch.equal(again[n].scale, first[n].scale) for n in first)
+    rounding.path_for("tiny").write_bytes(b"damaged")
+    rounding.load_or_make(model, tok, "tiny", say=lambda m: None)
+    assert made == [1, 1]  # made again, not read
+
+
+def test_the_rounding_reaches_only_the_layers_it_was_made_for(tok):
+    model, _ = tiny_model()
+    table = {n: quantize_int8(m.weight.detach()) for n, m in rounding.body_linears(model).items()}
+    mine = rounding.by_layer(model, table)
+    assert set(mine) == {id(m) for m in rounding.body_linears(model).values()}
+    other, _ = tiny_model(seed=1)  # the same names (as a learned style has), other weights
+    assert not set(rounding.by_layer(model, table)) & {id(m) for m in other.modules()}
+
+
+def rounded_fake(name: str, got: list, off: float = 1.0) -> Kernel:
+    """A way that takes the rounding: records what it was given; ``off``: how far its output is."""
+    def prepare(w, a=None, r=None):
+        got.append(r)
+        return w.detach().clone()
+    return Kernel(name, 3, 1, prepare, lambda x, w: off * F.linear(x, w), few_rows_only=True, rounded=True)
+
+
+def test_a_way_that_takes_the_rounding_gets_each_layers_own(fakes, tok):  # noqa: F811
+    got: list = []
+    names = fakes(rounded_fake("takes-rounding", got), fake("slow-exact", _slow))
+    model, _ = tiny_model()
+    table = {id(m): quantize_int8(m.weight.detach()) for m in rounding.body_linears(model).values()}
+    tuning.tune(model, tok, kernels=names, say=lambda m: None, rounded=lambda layer: table.get(id(layer)))
+    given = [r for r in got if r is not None]
+    assert given and all(any(r is t for t in table.values()) for r in given)
+    assert len({id(r) for r in given}) == len(table)  # every body layer, each its own
+    got.clear()
+    model, _ = tiny_model()
+    tuning.tune(model, tok, kernels=names, say=lambda m: None)  # no rounding: None for every layer
+    assert got and all(r is None for r in got)
+
+
+def test_a_rounded_way_enters_decode_steps_only_where_there_is_a_rounding(fakes, tok):  # noqa: F811
+    # 1 % off: over FEW_TOLERANCE, within ROUNDED_FEW_TOLERANCE.
+    assert tuning.FEW_TOLERANCE < 0.01 < tuning.ROUNDED_FEW_TOLERANCE
+    names = fakes(rounded_fake("rough-rounded", [], off=1.01), fake("slow-exact", _slow))
+    model, _ = tiny_model()
+    table = {id(m): quantize_int8(m.weight.detach()) for m in rounding.body_linears(model).values()}
+    with_rounding = tuning.tune(model, tok, kernels=names, say=lambda m: None, rounded=lambda layer: table.get(id(layer)))
+    body = {k: c for k, c in with_rounding.choice.items() if not k.endswith("-output")}
+    assert all(c["few"] == "rough-rounded" for c in body.values()), json.dumps(with_rounding.choice)
+    model, _ = tiny_model()
+    without = tuning.tune(model, tok, kernels=names, say=lambda m: None)
+    assert all(c["few"] == "slow-exact" for c in without.choice.values()), json.dumps(without.choice)
+
+
+def test_a_model_the_rounding_was_not_made_for_takes_the_next_best_way():
+    t = tuning.Tuning({}, {"64x64": {"few": "int8-weight", "many": "int8-smooth"}}, {"64x64": [
+        vars(tuning.Measured("int8-weight", few_ms=1.0)), vars(tuning.Measured("fp16-fbgemm", few_ms=1.5, many_ms=3.0)),
+        vars(tuning.Measured("int8-smooth", many_ms=1.0)), vars(tuning.Measured("fp32", few_ms=4.0, many_ms=4.0)),
+    ]})
+    assert KERNELS["int8-weight"].rounded
+    assert tuning.unrounded(t) == {"64x64": {"few": "fp16-fbgemm", "many": "int8-smooth"}}
+    assert t.choice["64x64"]["few"] == "int8-weight"  # the base model's own choice is left as it was
+
+
+def test_a_later_start_asks_for_the_rounding_only_where_its_choice_uses_it(tmp_path, tok):
+    model, _ = tiny_model()
+    asked: list[int] = []
+    tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None, rounding=lambda: asked.append(1) or {})
+    takes = any(k.rounded and k.available() for k in KERNELS.values())
+    assert asked == ([1] if takes else [])  # a first start measures the ways that take it
+    model, _ = tiny_model()
+    loaded = tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None, rounding=lambda: asked.append(1) or {})
+    uses = any(KERNELS[c[r]].rounded for c in loaded.choice.values() for r in c)
+    assert len(asked) == int(takes) + int(uses)
+    assert any(isinstance(m, TunedLinear) for m in model.modules())
