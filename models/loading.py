@@ -71,7 +71,7 @@ def _gguf_cache_dir(gguf_path: str, dtype: torch.dtype = CONVERTED_DTYPE) -> Pat
     return cache_root() / f"{Path(gguf_path).stem}-{str(dtype).split('.')[-1]}-{key}"
 
 
-def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
+def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype, round_too: bool = False) -> None:
     """Dequantise a GGUF file once and save it as a transformers folder (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,8 +100,15 @@ def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)  # another process finished first
     print(f"[tabwrite] converted in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    # Once per model too: the body's int8 weights rounded by GPTQ (models/rounding.py), which the
-    # tuning may choose for decode steps; made here so a first start does not also wait for them.
+    if not round_too:
+        return
+    # Once per model too, when no other model is serving: the body's int8 weights rounded by
+    # GPTQ (models/rounding.py, ~13 s for Gemma), which the tuning may choose for decode steps,
+    # made here so that the first start's choice does not also wait for them. Not beside a
+    # model that serves: this is arithmetic on both cores, unlike the conversion, and as SmolLM2
+    # loaded beside writers pressing Tab on Gemma, 2 of ~70 presses came back "busy" (at nice
+    # 10 none did, but the rounding took 821 s for a model whose tuning then did not use it).
+    # Elsewhere the tuning makes them itself, only where int8 would win (models/tuning.py).
     try:
         from models import rounding
 
@@ -120,14 +127,15 @@ def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
 # press took 1.2 s but the load 75 s, and at nice 10 165 s, for whoever asked for the model.
 
 
-def _convert_apart(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
+def _convert_apart(gguf_path: str, target: Path, dtype: torch.dtype, round_too: bool = False) -> None:
     """``_convert_gguf`` in a child process (its progress lines go to this one's stderr); a
     RuntimeError with the child's one line if it fails (load_source words it for the user)."""
     import subprocess
 
     code = "import sys; from models.loading import _convert_main; sys.exit(_convert_main(sys.argv[1:]))"
     child = subprocess.Popen(
-        [sys.executable, "-c", code, gguf_path, str(target), str(dtype).split(".")[-1], str(os.getpid())],
+        [sys.executable, "-c", code, gguf_path, str(target), str(dtype).split(".")[-1], str(os.getpid()),
+         "round" if round_too else "no-round"],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
     )
     out, _ = child.communicate()
@@ -137,8 +145,8 @@ def _convert_apart(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
 
 
 def _convert_main(argv: list[str]) -> int:
-    """The child of ``_convert_apart``: GGUF path, target folder, dtype name, parent's pid."""
-    gguf_path, target, dtype, parent = argv
+    """The child of ``_convert_apart``: GGUF path, target folder, dtype name, parent's pid, "round" or not."""
+    gguf_path, target, dtype, parent, then = argv
     try:  # Linux: end with the app (a stopped app's conversion would run on alone)
         import ctypes
         import signal
@@ -149,7 +157,7 @@ def _convert_main(argv: list[str]) -> int:
     except Exception:
         pass
     try:
-        _convert_gguf(gguf_path, Path(target), getattr(torch, dtype))
+        _convert_gguf(gguf_path, Path(target), getattr(torch, dtype), then == "round")
     except Exception as e:  # one line for the parent's ModelLoadError
         print((str(e).strip().splitlines() or [type(e).__name__])[0][:300], flush=True)
         return 1
@@ -218,7 +226,7 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
         if source.kind == "gguf":
             target = _gguf_cache_dir(source.location)
             if not (target / "config.json").is_file():
-                _convert_apart(source.location, target, CONVERTED_DTYPE)
+                _convert_apart(source.location, target, CONVERTED_DTYPE, round_too=not loaded_models())
             model, tokenizer = _load_pretrained(str(target), device, dtype)
             model_key, folder = target.name, str(target)
         else:

@@ -357,9 +357,22 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
     try:
         weights, scale = measured_weights(group)
         layers = [layer for _, _, layer in group.layers]
-        # The first layer first: a way that fails the check costs one layer's preparing, not all.
-        has_rounding = kernel.rounded and scale == 1.0 and rounded is not None
+        has_rounding = kernel.rounded and scale == 1.0 and rounded is not None and not group.single
         round_of = rounded if has_rounding else (lambda layer: None)
+        if has_rounding and ready is None:
+            # GPTQ's rounding takes seconds (once per model): asked for only where this way would
+            # win decode steps. Its speed is the bytes', whatever their values: timed rounded to
+            # nearest first.
+            nearest = [kernel.make(w, probe.absmax.get(id(layer))) for w, layer in zip(weights, layers)]
+            x = _rows(probe.inputs[group.key], TIMED_FEW)
+            few = 1e3 * _timed(lambda: [kernel.run(x, p) for p in nearest], cold=True)
+            del nearest
+            if not few * (1 + SPEED_TIE) < best.get("few", float("inf")):
+                found.few_ms = few
+                found.refused = f"no faster than the fastest way here ({few:.1f} against {best.get('few', 0):.1f} ms): not rounded"
+                return found, None
+            ready = [kernel.make(w, probe.absmax.get(id(layer)), round_of(layer)) for w, layer in zip(weights, layers)]
+        # The first layer first: a way that fails the check costs one layer's preparing, not all.
         prepared = ready if ready is not None and scale == 1.0 else [kernel.make(weights[0], probe.absmax.get(id(layers[0])), round_of(layers[0]))]
         if scale != 1.0 and hasattr(prepared[0], "candidates"):
             # A slice of the vocabulary gets its share of int8-screen's exact rows, so that the
@@ -525,6 +538,8 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
     started = time.perf_counter()
     groups = linear_groups(model)
     names = kernels or [k for k in ORDER if k in KERNELS] + [k for k in KERNELS if k not in ORDER]
+    # The ways that take GPTQ's rounding last: it is made only for a way faster than all the others.
+    names = [k for k in names if not KERNELS[k].rounded] + [k for k in names if KERNELS[k].rounded]
     say(f"choosing how to run {sum(len(g.layers) for g in groups)} matmuls on this CPU ({_cpuinfo()[0]}); "
         f"once per machine, about 10 s")
     kept: dict[tuple[str, str], list] = {}
@@ -728,19 +743,27 @@ def _paths(folder: Path, model_key: str, fingerprint: dict) -> tuple[Path, Path]
 def tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None] = _say,
                  rounding: Callable[[], dict[int, Int8Weight]] | None = None) -> Tuning:
     """Apply this machine's saved choice for this model, or tune now and save it. ``rounding``:
-    makes each layer's GPTQ int8 weight (models/rounding.py), by id(layer); called, on the
-    model still in fp32, only where a way that takes it is to be measured or applied."""
+    makes each layer's GPTQ int8 weight (models/rounding.py), by id(layer); called once, on the
+    model still in fp32, only where a way that takes it would win (tuning) or was chosen (a
+    later start)."""
     try:
         return _tune_or_load(model, tokenizer, folder, model_key, say, rounding)
     finally:
         give_back_memory()
 
 
-def _rounded(rounding: Callable[[], dict[int, Int8Weight]] | None, ways: set[str]) -> Rounded | None:
-    if rounding is None or not any(KERNELS[w].rounded and KERNELS[w].available() for w in ways if w in KERNELS):
+def _rounded(rounding: Callable[[], dict[int, Int8Weight]] | None) -> Rounded | None:
+    """``rounding`` as a lookup by layer that calls it once, at the first layer asked for."""
+    if rounding is None:
         return None
-    table = rounding()
-    return lambda layer: table.get(id(layer))
+    table: list[dict] = []
+
+    def lookup(layer: nn.Module) -> Int8Weight | None:
+        if not table:
+            table.append(rounding())
+        return table[0].get(id(layer))
+
+    return lookup
 
 
 def _tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say: Callable[[str], None],
@@ -757,13 +780,17 @@ def _tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say
         absmax = {id(layer): stats[i] for i, layer in enumerate(layers) if i < len(stats)}
         tuning = Tuning(saved["fingerprint"], saved["choice"], saved.get("measured", {}), saved.get("probe", {}),
                         saved.get("seconds", 0.0), absmax)
-        apply(groups, tuning.choice, absmax, rounded=_rounded(rounding, {c[r] for c in tuning.choice.values() for r in c}))
+        # Made (or read) now if the choice takes it, while every layer is still the model's own:
+        # apply() swaps them a shape at a time.
+        uses = rounding is not None and any(KERNELS[w].rounded for c in tuning.choice.values() for w in c.values() if w in KERNELS)
+        table = rounding() if uses else {}
+        apply(groups, tuning.choice, absmax, rounded=lambda layer: table.get(id(layer)))
         log.info("matmuls as chosen for this CPU before (%s): %s", path.name, tuning.describe())
         return tuning
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError):
         pass
     layers = [layer for g in groups for _, _, layer in g.layers]
-    tuning = tune(model, tokenizer, say=say, rounded=_rounded(rounding, set(KERNELS)))
+    tuning = tune(model, tokenizer, say=say, rounded=_rounded(rounding))
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     torch.save([tuning.absmax.get(id(layer), torch.zeros(layer.in_features)) for layer in layers], stats_path)

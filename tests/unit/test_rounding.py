@@ -8,6 +8,7 @@ made for, and let int8 into decode steps only where it exists.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from models import rounding, tuning
 from models.kernels import KERNELS, Int8Weight, Kernel, TunedLinear, quantize_int8
-from tests.unit.test_tuning import _slow, fake, fakes, tiny_model  # noqa: F401  (fakes: a fixture)
+from tests.unit.test_tuning import _slow, chosen, fake, fakes, tiny_model  # noqa: F401  (fakes: a fixture)
 from tests.unit.test_engine_logic import build_tokenizer
 
 
@@ -103,6 +104,10 @@ def test_the_rounding_reaches_only_the_layers_it_was_made_for(tok):
     assert not set(rounding.by_layer(model, table)) & {id(m) for m in other.modules()}
 
 
+def _exact_fast(x, w):
+    return F.linear(x, w)
+
+
 def rounded_fake(name: str, got: list, off: float = 1.0) -> Kernel:
     """A way that takes the rounding: records what it was given; ``off``: how far its output is."""
     def prepare(w, a=None, r=None):
@@ -150,14 +155,49 @@ def test_a_model_the_rounding_was_not_made_for_takes_the_next_best_way():
     assert t.choice["64x64"]["few"] == "int8-weight"  # the base model's own choice is left as it was
 
 
-def test_a_later_start_asks_for_the_rounding_only_where_its_choice_uses_it(tmp_path, tok):
-    model, _ = tiny_model()
+def test_the_rounding_is_made_once_and_only_where_the_way_would_win(fakes, tok):  # noqa: F811
     asked: list[int] = []
-    tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None, rounding=lambda: asked.append(1) or {})
-    takes = any(k.rounded and k.available() for k in KERNELS.values())
-    assert asked == ([1] if takes else [])  # a first start measures the ways that take it
+
+    def rounding():
+        asked.append(1)
+        return {}
+
+    def slow_rounded(x, w):
+        time.sleep(0.03)
+        return F.linear(x, w)
+
+    slow = Kernel("slow-rounded", 3, 1, lambda w, a=None, r=None: w.detach().clone(), slow_rounded, few_rows_only=True, rounded=True)
+    names = fakes(slow, fake("exact", _exact_fast))
     model, _ = tiny_model()
-    loaded = tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None, rounding=lambda: asked.append(1) or {})
-    uses = any(KERNELS[c[r]].rounded for c in loaded.choice.values() for r in c)
-    assert len(asked) == int(takes) + int(uses)
+    t = tuning.tune(model, tok, kernels=names, say=lambda m: None, rounded=tuning._rounded(rounding))
+    body = [m["refused"] for key, found in t.measured.items() if not key.endswith("-output") for m in found if m["kernel"] == "slow-rounded"]
+    assert asked == [] and body and all("not rounded" in r for r in body), body
+    names = fakes(rounded_fake("fast-rounded", []), fake("slow-exact", _slow))
+    model, _ = tiny_model()
+    tuning.tune(model, tok, kernels=names, say=lambda m: None, rounded=tuning._rounded(rounding))
+    assert asked == [1]  # once for the whole model, however many shapes
+
+
+def test_a_later_start_reads_the_rounding_only_where_its_choice_uses_it(tmp_path, fakes, tok, monkeypatch):  # noqa: F811
+    names = fakes(rounded_fake("fast-rounded", []), fake("slow-exact", _slow))
+    monkeypatch.setattr(tuning, "KERNELS", {n: KERNELS[n] for n in names})  # the fakes only
+    asked: list[int] = []
+
+    def rounding():
+        asked.append(1)
+        return {}
+
+    model, _ = tiny_model()
+    first = tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None, rounding=rounding)
+    assert asked == [1] and "fast-rounded" in chosen(first)
+    model, _ = tiny_model()
+    tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None, rounding=rounding)
+    assert asked == [1, 1]  # the choice takes it: read again
+    saved = next(tmp_path.glob("tiny-*.json"))
+    data = json.loads(saved.read_text())
+    data["choice"] = {k: {"few": "slow-exact", "many": "slow-exact"} for k in data["choice"]}
+    saved.write_text(json.dumps(data))
+    model, _ = tiny_model()
+    tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None, rounding=rounding)
+    assert asked == [1, 1]  # a choice without it never asks
     assert any(isinstance(m, TunedLinear) for m in model.modules())
