@@ -124,8 +124,7 @@ def gptq(weights: torch.Tensor, hessian: torch.Tensor) -> Int8Weight:
 
 
 def _groups(layers: dict[str, nn.Linear], sums: dict[str, torch.Tensor]) -> list[list[str]]:
-    """Layers rounded together: the same weight shape and input width, in model order. Layers
-    that share an H (q, k, v) are stacked as one taller matrix by the caller."""
+    """Layers rounded together (stacked, see gptq): those of one weight shape, in model order."""
     groups: dict[tuple, list[str]] = {}
     for name, layer in layers.items():
         if name in sums:
@@ -137,12 +136,14 @@ def round_model(model: nn.Module, tokenizer, say: Callable[[str], None] = _say) 
     """GPTQ int8 of every body Linear of ``model`` (fp32), by module name."""
     started = time.perf_counter()
     layers = body_linears(model)
+    say(f"rounding {len(layers)} matmuls to int8 for this model (once per model, ~15 s on 2 cores): reading "
+        f"{CALIBRATION.name}")
     sums = hessians(model, tokenizer, layers, calibration_texts())
-    say(f"rounding {len(layers)} matmuls to int8 for this model (once per model): calibration read in "
-        f"{time.perf_counter() - started:.1f} s")
+    say(f"  calibration read in {time.perf_counter() - started:.1f} s; rounding")
     out: dict[str, Int8Weight] = {}
     for group in _groups(layers, sums):
-        # A few matrices at a time: all 18 of Gemma's 2048-wide H with their inverses were ~1 GB.
+        # A few matrices at a time: Gemma's 18 down projections' H alone are 302 MB (2048 x 2048
+        # fp32 each), and their factors and inverse as much again each.
         for names in (group[i : i + CHUNK] for i in range(0, len(group), CHUNK)):
             w = torch.stack([layers[n].weight.detach().float() for n in names])
             h = torch.stack([sums[n] for n in names])

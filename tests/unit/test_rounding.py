@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models import rounding, tuning
-from models.kernels import KERNELS, Int8Weight, Kernel, TunedLinear, quantize_int8
+from models.kernels import KERNELS, Kernel, TunedLinear, quantize_int8
 from tests.unit.test_tuning import _slow, chosen, fake, fakes, tiny_model  # noqa: F401  (fakes: a fixture)
 from tests.unit.test_engine_logic import build_tokenizer
 
