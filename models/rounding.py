@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from models.kernels import Int8Weight
+from models.tuning import _say, linear_groups, texts_by_language
 
 VERSION = 1  # bump when the rounding changes: every model rounds again
 CALIBRATION = Path(__file__).parent / "calibration.txt"
@@ -38,24 +38,22 @@ LEVELS = 127
 CHUNK = 6  # matrices rounded together
 
 
-def _say(message: str) -> None:
-    print(f"[tabwrite] {message}", file=sys.stderr, flush=True)
+def _shapes(model: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
+    """The Linear layers int8-weight may run, by weight shape as the tuning groups them
+    (tuning.linear_groups; the output layer is int8-screen's business), with their names."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [[(names[id(layer)], layer) for _, _, layer in group.layers] for group in linear_groups(model) if not group.single]
 
 
 def body_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear layers int8-weight may run: all but the output layer (int8-screen's business)."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and m is not output}
+    """Those layers by module name."""
+    return {name: layer for shape in _shapes(model) for name, layer in shape}
 
 
 def calibration_texts() -> list[str]:
     """models/calibration.txt, English and Chinese apart (written for this repo: not the probe
     text the choice is checked on, nor any benchmark's held-out text)."""
-    text = CALIBRATION.read_text(encoding="utf-8")
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    english = "\n\n".join(p for p in paragraphs if p.isascii())
-    other = "\n\n".join(p for p in paragraphs if not p.isascii())
-    return [t for t in (english, other) if t]
+    return texts_by_language(CALIBRATION)
 
 
 @torch.inference_mode()
@@ -123,25 +121,18 @@ def gptq(weights: torch.Tensor, hessian: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scale)
 
 
-def _groups(layers: dict[str, nn.Linear], sums: dict[str, torch.Tensor]) -> list[list[str]]:
-    """Layers rounded together (stacked, see gptq): those of one weight shape, in model order."""
-    groups: dict[tuple, list[str]] = {}
-    for name, layer in layers.items():
-        if name in sums:
-            groups.setdefault(tuple(layer.weight.shape), []).append(name)
-    return list(groups.values())
-
-
 def round_model(model: nn.Module, tokenizer, say: Callable[[str], None] = _say) -> dict[str, Int8Weight]:
     """GPTQ int8 of every body Linear of ``model`` (fp32), by module name."""
     started = time.perf_counter()
-    layers = body_linears(model)
+    shapes = _shapes(model)
+    layers = {name: layer for shape in shapes for name, layer in shape}
     say(f"rounding {len(layers)} matmuls to int8 for this model (once per model, ~15 s on 2 cores): reading "
         f"{CALIBRATION.name}")
     sums = hessians(model, tokenizer, layers, calibration_texts())
     say(f"  calibration read in {time.perf_counter() - started:.1f} s; rounding")
     out: dict[str, Int8Weight] = {}
-    for group in _groups(layers, sums):
+    # One weight shape is rounded together (gptq); a layer the calibration never reached keeps none.
+    for group in ([name for name, _ in shape if name in sums] for shape in shapes):
         # A few matrices at a time: Gemma's 18 down projections' H alone are 302 MB (2048 x 2048
         # fp32 each), and their factors and inverse as much again each.
         for names in (group[i : i + CHUNK] for i in range(0, len(group), CHUNK)):

@@ -177,7 +177,12 @@ def linear_groups(model: nn.Module) -> list[Group]:
 
 def probe_texts() -> list[str]:
     """models/probe.txt, English and Chinese apart (written for this repo; never the benchmark's held-out text)."""
-    text = (Path(__file__).parent / "probe.txt").read_text(encoding="utf-8")
+    return texts_by_language(Path(__file__).parent / "probe.txt")
+
+
+def texts_by_language(path: Path) -> list[str]:
+    """The paragraphs of a text file as two texts: the English (ASCII) ones, then the others."""
+    text = path.read_text(encoding="utf-8")
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     english = "\n\n".join(p for p in paragraphs if p.isascii())
     other = "\n\n".join(p for p in paragraphs if not p.isascii())
