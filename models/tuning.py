@@ -81,6 +81,13 @@ PROBE_TV = 0.04
 # A less precise format must be this much faster to be chosen over a more precise one: two
 # formats a few per cent apart swap places from one run to the next on a noisy machine.
 SPEED_TIE = 0.10
+# ... and int8 weights rounded by GPTQ, this much faster than the next best way for decode
+# steps: their error shares the probe check's budget with the prompts' int8, which gains more.
+# Under the AVX2 cap four shapes timed 12-24 % faster alone in int8 made a decode step 3 %
+# faster (bench.ways: 20.2 against 20.9 ms), and their share of the distribution's move left
+# no room for int8 prompts (first suggestion 356 ms, the choice 29.9 s: EPYC, 2026-12-07);
+# natively the shapes that gain are 34 % to 4x faster.
+ROUNDED_SPEED_TIE = 0.25
 SHAPE_TRIALS = 2  # when the probe check fails, this many one-shape changes are checked (~2.5 s each) before whole formats
 # Prepared weights may take this much memory: a layer whose few and many rows run different
 # formats holds two copies. The app's steady RSS is to stay under 1.5 GB with Gemma 3 270M:
@@ -304,6 +311,14 @@ def _flush_cache() -> None:
     float(_flush_buffer.sum())
 
 
+def _drop_flush_buffer() -> None:
+    """Let go of _flush_cache's buffer once the timing is over: kept, it was 64 MB (twice a
+    32 MB cache) of a serving process's memory for good (1449 MB against 1321 at a later start,
+    Gemma under the AVX2 cap, 2026-12-07)."""
+    global _flush_buffer
+    _flush_buffer = None
+
+
 def _timed(fn: Callable[[], object], give_up_s: float | None = None, cold: bool = False) -> float:
     """Seconds per call: the median of a few calls within TIME_BUDGET_S (one first call not
     counted). A way whose first call takes longer than ``give_up_s`` is not timed further.
@@ -372,7 +387,7 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
             x = _rows(probe.inputs[group.key], TIMED_FEW)
             few = 1e3 * _timed(lambda: [kernel.run(x, p) for p in nearest], cold=True)
             del nearest
-            if not few * (1 + SPEED_TIE) < best.get("few", float("inf")):
+            if not few * (1 + ROUNDED_SPEED_TIE) < best.get("few", float("inf")):
                 found.few_ms = few
                 found.refused = f"no faster than the fastest way here ({few:.1f} against {best.get('few', 0):.1f} ms): not rounded"
                 return found, None
@@ -428,7 +443,13 @@ def choose(measured: list[Measured], regime: str, excluded: set[str] = frozenset
         return REFERENCE
     fastest = min(m.cost(regime) for m in usable)
     close = [m for m in usable if m.cost(regime) <= fastest * (1 + SPEED_TIE)]
-    return min(close, key=lambda m: (KERNELS[m.kernel].precision, m.cost(regime))).kernel
+    way = min(close, key=lambda m: (KERNELS[m.kernel].precision, m.cost(regime)))
+    if KERNELS[way.kernel].rounded:  # chosen only where clearly faster (ROUNDED_SPEED_TIE)
+        other = choose(measured, regime, excluded | {way.kernel})
+        cost = next((m.cost(regime) for m in usable if m.kernel == other), None)
+        if cost is not None and cost <= way.cost(regime) * (1 + ROUNDED_SPEED_TIE):
+            return other
+    return way.kernel
 
 
 # ---------------------------------------------------------------- applying a choice
@@ -585,6 +606,7 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
         say(f"  [{n + 1}/{len(groups)}] {group.key} x{len(group.layers)} (ms few rows/many): {times} -> "
             f"{choice[group.key]['few']} / {choice[group.key]['many']}")
     choice = within_budget(groups, measured, choice)
+    _drop_flush_buffer()
     give_back_memory()  # the formats measured and dropped: their pages go back before the winners are made whole
     check = _settle(model, groups, measured, choice, probe, kept, say, rounded)
     tuning = Tuning(

@@ -155,6 +155,18 @@ def test_a_model_the_rounding_was_not_made_for_takes_the_next_best_way():
     assert t.choice["64x64"]["few"] == "int8-weight"  # the base model's own choice is left as it was
 
 
+def test_a_rounded_way_is_chosen_only_where_it_is_clearly_faster():
+    def measured(rounded_ms: float) -> list:
+        return [tuning.Measured("fp16-fbgemm", few_ms=1.0), tuning.Measured("int8-weight", few_ms=rounded_ms),
+                tuning.Measured("fp32", few_ms=4.0)]
+
+    # 12 % faster than fp16 would pass SPEED_TIE, but not the rounded way's margin
+    assert tuning.choose(measured(1.0 / 1.12), "few") == "fp16-fbgemm"
+    assert tuning.choose(measured(1.0 / (1 + tuning.ROUNDED_SPEED_TIE) - 0.01), "few") == "int8-weight"
+    assert tuning.choose(measured(0.5), "few", {"fp16-fbgemm"}) == "int8-weight"  # against fp32 (4 ms)
+    assert tuning.ROUNDED_SPEED_TIE > tuning.SPEED_TIE
+
+
 def test_the_rounding_is_made_once_and_only_where_the_way_would_win(fakes, tok):  # noqa: F811
     asked: list[int] = []
 
