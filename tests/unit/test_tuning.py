@@ -81,6 +81,15 @@ def test_a_slower_way_is_never_chosen(fakes):
     assert slow and all(not m["refused"] and m["few_ms"] > 1.0 for m in slow)
 
 
+def test_the_timings_cache_flush_buffer_is_not_kept_once_the_choice_is_made(fakes):
+    model, tok = tiny_model()
+    names = fakes(fake("slow-exact", _slow))
+    tuning._flush_cache()  # as the timing does: tens of MB, twice the CPU's last-level cache
+    assert tuning._flush_buffer is not None
+    tuning.tune(model, tok, kernels=names + ["fp32"], say=lambda m: None)
+    assert tuning._flush_buffer is None
+
+
 def test_a_fast_way_that_gives_wrong_numbers_is_refused(fakes):
     model, tok = tiny_model()
     names = fakes(fake("fast-wrong", lambda x, w: 1.5 * F.linear(x, w), precision=1), fake("slow-exact", _slow))
