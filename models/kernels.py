@@ -329,6 +329,24 @@ class Screen:
     candidates: int = 256  # rows of exact logits per input row (SCREEN_CANDIDATES)
 
 
+def largest(x: torch.Tensor, k: int, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k)`` over the last dimension of logits [B, V]: the same values, largest
+    first, found through blocks of ``block`` logits. The k blocks with the largest maxima hold
+    the k largest logits (each of those lies in a block whose maximum is at least the k-th
+    largest, and no more than k blocks can have one), so only they are searched.
+
+    torch.topk over Gemma's 262,144 logits took 277 / 567 us (k 256) and 241 / 436 us (k 40)
+    for 1 / 3 rows (EPYC); the maxima of 8192 blocks and a search of the k best blocks ~60 /
+    ~170. (Equal logits at the k-th place may come out as another of the same value.)"""
+    rows, width = x.shape
+    if width % block or width // block < 4 * k or not x.is_contiguous():
+        return torch.topk(x, k, dim=-1)
+    blocks = x.view(rows, width // block, block).amax(dim=-1).topk(k, dim=-1).indices
+    index = (blocks[..., None] * block + torch.arange(block, device=x.device)).view(rows, -1)
+    values, at = x.gather(1, index).topk(k, dim=-1)
+    return values, index.gather(1, at)
+
+
 SCREEN_CANDIDATES = 256  # exact logits per row
 SCREEN_ROWS = 16  # rows quantized together (fbgemm takes one scale for all the rows of a call)
 
@@ -369,7 +387,7 @@ def _screen_run(x, s: Screen):
     if x.shape[0] > SCREEN_ROWS:  # scoring a text: a few rows at a time, each with its own scale
         return torch.cat([_screen_run(part, s) for part in x.split(SCREEN_ROWS)])
     approx = _fbgemm_int8_run(x, s.packed, s.reduce_range)
-    top = approx.topk(min(s.candidates, approx.shape[-1]), dim=-1).indices
+    top = largest(approx, min(s.candidates, approx.shape[-1]))[1]
     return approx.scatter_(1, top, s.exact.logits(top, x))
 
 

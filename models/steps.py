@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from models import decode
+from models.kernels import largest
 
 
 @torch.inference_mode()
@@ -109,7 +110,7 @@ def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, 
     """
     logits = logits.float()
     k = max(1, min(int(top_k), logits.shape[-1]))
-    top_vals, top_idx = torch.topk(logits, k, dim=-1)
+    top_vals, top_idx = largest(logits, k)
     probs = torch.softmax(top_vals / max(temperature, 1e-5), dim=-1)
     if top_p < 1.0:
         cumulative = probs.cumsum(dim=-1)

@@ -25,7 +25,7 @@ def batch(model, prompts: list[list[int]]) -> BatchKV:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-@pytest.mark.parametrize("ways", [None, "fp16-fbgemm"])
+@pytest.mark.parametrize("ways", [None, "fp16-fbgemm", "int8-weight"])  # int8-weight: q, k, v (and gate, up) joined
 def test_the_written_out_step_gives_transformers_logits(kind, ways):
     model = tiny(kind)
     if ways is not None:  # the layers as the app runs them on a CPU (the step calls their way directly)
@@ -33,7 +33,12 @@ def test_the_written_out_step_gives_transformers_logits(kind, ways):
             pytest.skip(f"{ways} is not in this torch build")
         groups = linear_groups(model)
         apply(groups, {g.key: {"few": ways, "many": "fp32"} for g in groups}, {}, release=False)
-    assert decode.plan_for(model) is not None
+    plan = decode.plan_for(model)
+    assert plan is not None
+    assert all((layer.qkv is not None) == (ways == "int8-weight") for layer in plan.layers)
+    if ways == "int8-weight":  # each layer runs a view of the joined weight: no second copy
+        attn = model.model.layers[0].self_attn
+        assert attn.k_proj.few_weight.q.untyped_storage().data_ptr() == attn.q_proj.few_weight.q.untyped_storage().data_ptr()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 11)]
     lean, general = batch(model, prompts), batch(model, prompts)

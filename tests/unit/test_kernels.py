@@ -191,3 +191,16 @@ def test_int8_prompts_multiply_exactly_on_every_cpu_kind(cap):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["exact"] and result["levels"] in (63, 127), result
+
+
+def test_the_largest_logits_found_by_blocks_are_topks():
+    from models.kernels import largest
+
+    g = torch.Generator().manual_seed(1)
+    for rows, width, k in [(1, 262144, 40), (3, 262144, 256), (2, 49152, 40), (3, 1000, 40)]:
+        x = torch.randn(rows, width, generator=g) * 3
+        x[0, :5000] = float("-inf")  # masked tokens, as sampling masks them
+        x[-1, 64:96] += 20  # the largest crowded into one block
+        expected = torch.topk(x, k, dim=-1)
+        values, indices = largest(x, k)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices), (rows, width, k)
