@@ -85,6 +85,30 @@ def test_padded_batch_of_different_prompts_matches_each_alone(kind):
     assert caches[5].get_seq_length() == 5 and caches[13].get_seq_length() == 13
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_rows_leaving_a_press_keep_their_buffers_and_give_what_each_row_alone_gives(kind):
+    model = tiny(kind)
+    prompt = [3, 5, 7, 9, 11, 13]
+    g = torch.Generator().manual_seed(2)
+    fed = torch.randint(3, 60, (6, 6), generator=g)
+    kv = BatchKV(model.config, limit=40)
+    cache = DynamicCache(config=model.config)
+    prefill(model, torch.tensor([prompt]), cache)
+    kv.add(cache, len(prompt), 6, 8)
+    buffer = kv.cache.layers[0].keys.data_ptr()
+    rows = list(range(6))
+    for step in range(6):
+        logits = kv.step(model, fed[step, rows])
+        for i, row in enumerate(rows):  # each row as it would go alone
+            expected = solo(model, prompt, fed[: step + 1, row].tolist())[-1]
+            assert torch.allclose(logits[i], expected, atol=1e-4), (kind, step, row)
+        if step in (0, 2, 3):  # a press's rows leave: 6 -> 3 -> 2 -> 1, in order
+            keep = {0: [1, 3, 4], 2: [0, 2], 3: [1]}[step]
+            rows = [rows[i] for i in keep]
+            kv.keep(keep)
+            assert kv.cache.layers[0].keys.data_ptr() == buffer  # moved up in place, no new buffers
+
+
 def test_batch_refuses_to_grow_past_its_limit():
     model = tiny("gemma3")
     kv = BatchKV(model.config, limit=47)

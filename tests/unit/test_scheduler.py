@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from models.scheduler import Scheduler
 
@@ -93,16 +94,19 @@ def test_busy_keeps_the_loop_going_without_new_tasks():
     assert calls[0] == ["once"] and calls[1:] == [[], []]  # two more rounds while busy, then idle
 
 
-def test_the_heap_is_trimmed_once_when_the_loop_goes_idle_never_between_busy_rounds(monkeypatch):
+def test_the_heap_is_trimmed_once_the_loop_has_been_idle_a_while_never_between_presses(monkeypatch):
     import models.scheduler as scheduler
 
     events: list = []
-    monkeypatch.setattr(scheduler, "give_back_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(scheduler, "give_back_memory", lambda: events.append(("trim", time.monotonic())))
+    monkeypatch.setattr(scheduler, "TRIM_AFTER_IDLE_S", 0.5)
     more = [0]  # rounds still busy after the one that took the press
+    ended: list[float] = []
 
     def round_(tasks, cancels):
         events.append(("round", list(tasks)))
         more[0] = 2 if tasks else more[0] - 1
+        ended.append(time.monotonic())
         return []
 
     queue = Scheduler("trim", round_, busy=lambda: more[0] > 0)
@@ -111,15 +115,21 @@ def test_the_heap_is_trimmed_once_when_the_loop_goes_idle_never_between_busy_rou
     runner.start()
     until = threading.Event()
     try:
-        until.wait(0.3)
+        until.wait(0.7)
         assert events == []  # idle from the start: nothing to give back
         queue.post("press")
-        for _ in range(200):
-            if "trim" in events:
+        until.wait(0.25)
+        queue.post("again")  # within the delay: the next press finds the heap as the last left it
+        for _ in range(100):
+            if any(e[0] == "trim" for e in events):
                 break
             until.wait(0.05)
-        until.wait(0.6)  # a poll or more of idling: no second trim
+        until.wait(1.2)  # idling on: no second trim
     finally:
         stop.set()
         runner.join(10)
-    assert events == [("round", ["press"]), ("round", []), ("round", []), "trim"]
+    rounds = [e for e in events if e[0] == "round"]
+    trims = [e[1] for e in events if e[0] == "trim"]
+    assert [r[1] for r in rounds] == [["press"], [], [], ["again"], [], []]
+    assert len(trims) == 1 and events[-1][0] == "trim"  # once, after the last round
+    assert trims[0] - ended[-1] >= 0.5 - 0.01  # and only after the delay
