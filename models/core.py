@@ -22,6 +22,7 @@ No torch here: the remote backend runs without it.
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import time
@@ -320,6 +321,15 @@ class Backend(Protocol):
     def serve(self, stop: threading.Event | None = None) -> None:
         """Give the calling thread to the backend until ``stop`` is set (app.py's main thread)."""
         ...
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MB (Linux's /proc/self/statm; elsewhere 0)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def give_back_memory() -> None:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
 
-from models.core import give_back_memory
+from models.core import give_back_memory, resident_mb
 
 WORKER_IDLE_S = 30.0  # a worker thread of the queue's own ends after this long with nothing to do
 # The heap's free pages go back to the system once the queue has had nothing to do this long.
@@ -31,8 +31,11 @@ WORKER_IDLE_S = 30.0  # a worker thread of the queue's own ends after this long 
 # and values: 6 rows, then 3, 2, 1) that glibc keeps; given back at once after every press, the
 # next press faulted them in anew: 375 against 341 ms a press, presses 0.3 s apart alternating
 # the two (Gemma, AMD EPYC 2 cores, 2026-12-07), for 1082 against 1231 MB resident. A writer at
-# work presses again within seconds; an app nobody uses gives the memory back.
+# work presses again within seconds; an app nobody uses gives the memory back. A process already
+# holding more than TRIM_AT_ONCE_ABOVE_MB gives it back at once, as before: the app is to stay
+# within 1.5 GB (Gemma under the AVX2 cap, whose formats take more memory, held 1641 MB kept).
 TRIM_AFTER_IDLE_S = 30.0
+TRIM_AT_ONCE_ABOVE_MB = 1400.0
 _RESIDENT_POLL_S = 0.5  # how often an idle resident worker looks at its stop event
 
 Task = TypeVar("Task")
@@ -166,17 +169,22 @@ class Scheduler(Generic[Task]):
         queue's own until it has had nothing to do for WORKER_IDLE_S.
         """
         trim_at: float | None = None  # after work: when the heap goes back if nothing comes first
+        weighed = True  # whether the memory held was looked at since the last round
         while True:
             with self._wakeup:
                 trim = False
                 while not self._has_work():
                     FOREGROUND.mark(self, False)
-                    if self._leaving(stop):
-                        return
                     now = time.monotonic()
+                    if not weighed:  # going idle: over the line, give back at once (even when leaving)
+                        weighed = True
+                        if resident_mb() > TRIM_AT_ONCE_ABOVE_MB:
+                            trim_at = now
                     if trim_at is not None and now >= trim_at:
                         trim = True  # outside the lock, below: posting a press never waits for it
                         break
+                    if self._leaving(stop):
+                        return
                     timeout = _RESIDENT_POLL_S if stop is not None else WORKER_IDLE_S
                     woken = self._wakeup.wait(timeout=timeout if trim_at is None else min(timeout, trim_at - now))
                     if stop is None and not woken and not self._waiting and trim_at is None:
@@ -193,7 +201,7 @@ class Scheduler(Generic[Task]):
             tasks = [t for t in posted if not isinstance(t, Cancel)]
             cancels = [t.task for t in posted if isinstance(t, Cancel)]
             left = self._round(tasks, cancels)
-            trim_at = time.monotonic() + TRIM_AFTER_IDLE_S
+            trim_at, weighed = time.monotonic() + TRIM_AFTER_IDLE_S, False
             if left:
                 with self._wakeup:
                     self._waiting[:0] = left  # first in line next round

@@ -133,3 +133,28 @@ def test_the_heap_is_trimmed_once_the_loop_has_been_idle_a_while_never_between_p
     assert [r[1] for r in rounds] == [["press"], [], [], ["again"], [], []]
     assert len(trims) == 1 and events[-1][0] == "trim"  # once, after the last round
     assert trims[0] - ended[-1] >= 0.5 - 0.01  # and only after the delay
+
+
+def test_a_process_over_its_memory_line_gives_the_heap_back_as_soon_as_it_goes_idle(monkeypatch):
+    import models.scheduler as scheduler
+
+    events: list = []
+    monkeypatch.setattr(scheduler, "give_back_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(scheduler, "TRIM_AFTER_IDLE_S", 60.0)
+    monkeypatch.setattr(scheduler, "TRIM_AT_ONCE_ABOVE_MB", 0.0)  # any process is over it
+
+    queue = Scheduler("over", lambda tasks, cancels: events.append(("round", list(tasks))) or [], busy=lambda: False)
+    stop = threading.Event()
+    runner = threading.Thread(target=queue.serve_here, args=(stop,))
+    runner.start()
+    until = threading.Event()
+    try:
+        queue.post("press")
+        for _ in range(40):
+            if "trim" in events:
+                break
+            until.wait(0.05)
+    finally:
+        stop.set()
+        runner.join(10)
+    assert events == [("round", ["press"]), "trim"]  # not after the 60 s
