@@ -341,6 +341,23 @@ def _timed(fn: Callable[[], object], give_up_s: float | None = None, cold: bool 
     return sorted(times)[len(times) // 2]
 
 
+def _timed_side_by_side(fns: list[Callable[[], object]], pairs: int = 12) -> list[float]:
+    """Seconds per call of each of ``fns``, timed cold and in turns (a, b, b, a, a, b, ...), the
+    median of each. Timed apart, seconds apart, two ways' times drift with the machine: at one
+    first start (EPYC, 2026-12-07) three shapes timed GPTQ's int8 only 14-22 % faster than fp16
+    or bf16 where other starts timed it 42-80 % faster."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for n in range(pairs):
+        for i in range(len(fns)) if n % 2 == 0 else reversed(range(len(fns))):
+            _flush_cache()
+            started = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - started)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
 def _rows(sample: torch.Tensor, n: int) -> torch.Tensor:
     repeats = -(-n // sample.shape[0])
     return sample.repeat(repeats, 1)[:n].contiguous()
@@ -356,13 +373,16 @@ def measured_weights(group: Group) -> tuple[list[torch.Tensor], float]:
 
 
 def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor, best: dict[str, float],
-            ready: list | None = None, rounded: Rounded | None = None) -> tuple[Measured, list | None]:
+            ready: list | None = None, rounded: Rounded | None = None,
+            rival: tuple[Measured, list] | None = None) -> tuple[Measured, list | None]:
     """Prepare ``kernel`` for every layer of ``group``, check it on real inputs and time it.
 
     ``reference``: the fp32 output of the group's first layer on the probe's rows. ``best``: the
     fastest times so far (ms) by regime. Returns the measurement and the prepared weights
     (None if refused). ``ready``: the whole group's weights in this format, already made.
-    ``rounded``: each layer's GPTQ int8 weight, for the ways that take one.
+    ``rounded``: each layer's GPTQ int8 weight, for the ways that take one. ``rival``: the way
+    decode steps would run otherwise, measured, and its prepared weights: a rounded way is timed
+    side by side with it, and its time is the rival's scaled by the ratio of the two.
     """
     found = Measured(kernel.name)
     if not kernel.available():
@@ -379,17 +399,26 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
         layers = [layer for _, _, layer in group.layers]
         has_rounding = kernel.rounded and scale == 1.0 and rounded is not None and not group.single
         round_of = rounded if has_rounding else (lambda layer: None)
+        paired = None
         if has_rounding and ready is None:
             # GPTQ's rounding takes seconds (once per model): asked for only where this way would
             # win decode steps. Its speed is the bytes', whatever their values: timed rounded to
-            # nearest first.
+            # nearest first, side by side with the rival.
             nearest = [kernel.make(w, probe.absmax.get(id(layer))) for w, layer in zip(weights, layers)]
             x = _rows(probe.inputs[group.key], TIMED_FEW)
-            few = 1e3 * _timed(lambda: [kernel.run(x, p) for p in nearest], cold=True)
-            del nearest
-            if not few * (1 + ROUNDED_SPEED_TIE) < best.get("few", float("inf")):
+            runs = [lambda: [kernel.run(x, p) for p in nearest]]
+            if rival is not None:
+                runs.append(lambda: [KERNELS[rival[0].kernel].run(x, p) for p in rival[1]])
+            timed_ms = [1e3 * t for t in _timed_side_by_side(runs)]
+            del nearest, runs
+            if rival is not None:  # the rival's time as measured, scaled by what side by side showed
+                paired = timed_ms[0] / timed_ms[1]
+                few, against = rival[0].few_ms * paired, rival[0].few_ms
+            else:
+                few, against = timed_ms[0], best.get("few", float("inf"))
+            if not few * (1 + ROUNDED_SPEED_TIE) < against:
                 found.few_ms = few
-                found.refused = f"no faster than the fastest way here ({few:.1f} against {best.get('few', 0):.1f} ms): not rounded"
+                found.refused = f"not clearly faster than the way it would replace ({few:.2f} against {against:.2f} ms): not rounded"
                 return found, None
             ready = [kernel.make(w, probe.absmax.get(id(layer)), round_of(layer)) for w, layer in zip(weights, layers)]
         # The first layer first: a way that fails the check costs one layer's preparing, not all.
@@ -423,7 +452,9 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
             cutoff = GIVE_UP * best[regime] / 1e3 / factor if regime in best else None
             return 1e3 * factor * _timed(lambda: [kernel.run(x, p) for p in layers], cutoff, cold=regime != "many")
 
-        if for_few:
+        if for_few and paired is not None:  # timed side by side above: the same bytes, rounded otherwise
+            found.few_ms = rival[0].few_ms * paired
+        elif for_few:
             found.few_ms = timed(TIMED_FEW, "few")
         if group.single:
             found.batch_ms = timed(TIMED_BATCH, "batch")
@@ -582,7 +613,13 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
             primary = KERNELS[name].fallback_for
             if primary and any(m.kernel == primary and not m.refused for m in found):
                 continue  # the same format through a faster library ran here: no need of this one
-            m, prepared = measure(group, KERNELS[name], probe, reference, best, kept.get((group.key, name)), rounded)
+            rival = None
+            if KERNELS[name].rounded:
+                leader = choose(found, "few")
+                ways = [m for m in found if m.kernel == leader]
+                if ways and ways[0].few_ms is not None and (group.key, leader) in kept:
+                    rival = (ways[0], kept[(group.key, leader)])
+            m, prepared = measure(group, KERNELS[name], probe, reference, best, kept.get((group.key, name)), rounded, rival)
             found.append(m)
             if not m.refused:
                 for regime, ms in (("few", m.few_ms), ("batch", m.batch_ms), ("many", m.many_ms)):

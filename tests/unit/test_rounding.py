@@ -190,6 +190,43 @@ def test_the_rounding_is_made_once_and_only_where_the_way_would_win(fakes, tok):
     assert asked == [1]  # once for the whole model, however many shapes
 
 
+def test_a_rounded_way_is_timed_side_by_side_with_the_way_it_would_replace(fakes, tok):  # noqa: F811
+    # The machine drifts: the rival ran slow while it was timed alone (30 ms a call), and as fast
+    # as it is once the rounded way is timed. Timed apart, the rounded way (1 ms) looked 30 times
+    # faster; side by side it is the slower one, and is not rounded nor chosen.
+    drifting = [True]
+
+    def rival(x, w):
+        if drifting[0]:
+            time.sleep(0.03)
+        return F.linear(x, w)
+
+    def rival_prepare(w, a=None, r=None):
+        drifting[0] = True  # each shape's rival is timed alone slow
+        return w.detach().clone()
+
+    def rounded_prepare(w, a=None, r=None):
+        drifting[0] = False
+        return w.detach().clone()
+
+    def rounded_run(x, w):
+        time.sleep(0.001)
+        return F.linear(x, w)
+
+    asked: list[int] = []
+    names = fakes(Kernel("drifting-exact", 1, 2, rival_prepare, rival),
+                  Kernel("late-rounded", 3, 1, rounded_prepare, rounded_run, few_rows_only=True, rounded=True))
+    model, _ = tiny_model()
+    t = tuning.tune(model, tok, kernels=names, say=lambda m: None, rounded=tuning._rounded(lambda: asked.append(1) or {}))
+    body = {key: found for key, found in t.measured.items() if not key.endswith("-output")}
+    for key, found in body.items():
+        mine = next(m for m in found if m["kernel"] == "late-rounded")
+        theirs = next(m for m in found if m["kernel"] == "drifting-exact")
+        assert "not rounded" in mine["refused"] and mine["few_ms"] > theirs["few_ms"], found
+        assert t.choice[key]["few"] == "drifting-exact"
+    assert asked == []
+
+
 def test_a_later_start_reads_the_rounding_only_where_its_choice_uses_it(tmp_path, fakes, tok, monkeypatch):  # noqa: F811
     names = fakes(rounded_fake("fast-rounded", []), fake("slow-exact", _slow))
     monkeypatch.setattr(tuning, "KERNELS", {n: KERNELS[n] for n in names})  # the fakes only
