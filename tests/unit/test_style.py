@@ -71,6 +71,21 @@ def test_training_lowers_the_loss(tok, folder):
     assert trained and all("lora_" in n for n in trained)
 
 
+def test_training_with_checkpoints_gives_the_same_gradients(tok, folder):
+    grads = []
+    for checkpoint in (False, True):
+        config = style.StyleConfig(**{**vars(CONFIG), "checkpoint": checkpoint})
+        torch.manual_seed(1)
+        model = style.trainable(folder, config)
+        window = style.windows(tok, TEXT, config.window)[0]
+        style.window_loss(model, tok.bos_token_id, window, config.chunk, lambda: None)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        # LoRA's B starts at zero: only B has a gradient before a step, and it must be the same
+        assert any(float(g.abs().sum()) > 0 for g in grads[-1].values())
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4) for n in grads[0])
+
+
 def test_training_ends_on_the_clock_with_fewer_steps_rather_than_running_over(tok, folder):
     # Waits for Tab presses count on the clock: the plan shrinks to what fits, never past it.
     config = style.StyleConfig(**{**vars(CONFIG), "epochs": 3})
@@ -80,6 +95,24 @@ def test_training_ends_on_the_clock_with_fewer_steps_rather_than_running_over(to
     progress = []
     cut = style.train(style.trainable(folder, out_of_time), tok, TEXT, out_of_time, report=progress.append)
     assert len(cut) == 2 and progress[-1].done == progress[-1].total == 2
+
+
+def test_the_plan_grows_again_when_the_steps_get_faster(tok, folder):
+    # The first steps are slow (a writer pressing Tab: 2 s of waits), the rest fast: planned at
+    # the first pace the run would stop after ~5 steps with most of its time unused.
+    config = style.StyleConfig(**{**vars(CONFIG), "epochs": 20, "wall_seconds": 6.0})
+    progress = []
+
+    def report(p):
+        progress.append(p)
+        if p.done == 1:
+            time.sleep(2.0)
+
+    started = time.monotonic()
+    losses = style.train(style.trainable(folder, config), tok, TEXT, config, report=report)
+    assert min(p.total for p in progress if p.done >= 2) <= 5  # planned down at first...
+    assert len(losses) >= 7 and progress[-1].done == progress[-1].total  # ...and up again
+    assert time.monotonic() - started < config.wall_seconds + 2.0
 
 
 def test_cancel_stops_between_layers(tok, folder):
@@ -133,6 +166,36 @@ def test_adapter_round_trips_through_disk_and_merges_exactly(tok, folder, tmp_pa
     assert [m["model"] for m in store.mine("k" * 32)] == [meta["model"]] and store.mine("x" * 32) == []
     assert not store.delete(meta["id"], "x" * 32) and store.delete(meta["id"], "k" * 32)
     assert store.meta(meta["id"]) is None
+
+
+def test_an_adapted_model_runs_each_layer_as_the_tuned_base_chose(tok, folder):
+    from models import tuning
+    from models.fastnorm import fuse_norms
+    from models.kernels import TunedLinear
+
+    model = style.trainable(folder, CONFIG)
+    style.train(model, tok, TEXT, CONFIG)
+    state = style.lora_state(model)
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    fuse_norms(base_model)
+    linears = {n: m for n, m in base_model.named_modules() if type(m) is torch.nn.Linear}
+    tuned = tuning.tune(base_model, tok, say=lambda m: None)
+    absmax = {n: tuned.absmax[id(m)] for n, m in linears.items() if id(m) in tuned.absmax}
+    base = LoadedModel("tiny", base_model, tok, torch.device("cpu"), torch.float32, 512, tuned.describe(), tuned, folder, absmax)
+    adapted = style.merged(base, folder, state, CONFIG, "tiny+mine")
+    body = {n: m for n, m in adapted.model.named_modules() if n.startswith("model.layers.") and isinstance(m, (TunedLinear, torch.nn.Linear))}
+    assert body and all(type(m) is TunedLinear for m in body.values())  # no fp32 Linear left behind
+    choice = tuning.unrounded(tuned)
+    for m in body.values():
+        want = choice[f"{m.out_features}x{m.in_features}"]
+        assert (m.few_name, m.many_name) == (want["few"], want["many"])
+    ids = torch.tensor([tok(TEXT[:200]).input_ids])
+    with torch.no_grad():
+        exact = model.eval()(input_ids=ids).logits
+        got = adapted.model(input_ids=ids).logits
+        plain = base.model(input_ids=ids).logits
+    assert float((got - exact).norm() / exact.norm()) < 0.05  # the formats' error, not the adapter's lost
+    assert float((got - exact).norm()) < 0.5 * float((plain - exact).norm())
 
 
 def test_learn_end_to_end_and_prefix_caches_apart(tok, folder, tmp_path):
