@@ -176,7 +176,7 @@ def window_loss(model: nn.Module, bos: int | None, window: list[int], chunk: int
     """
     inner = _inner(model)
     ids = torch.tensor([([bos] if bos is not None else []) + window])
-    hidden = inner.model(input_ids=ids).last_hidden_state[0, :-1]
+    hidden = inner.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
     targets = ids[0, 1:]
     cut = hidden.detach().requires_grad_(True)
     head = inner.get_output_embeddings()
@@ -291,7 +291,7 @@ def merged(base, folder: str, state: dict[str, torch.Tensor], config: StyleConfi
     One layer at a time: its weight changed, made into the format the base model's tuning
     chose, and the changed fp32 weight let go. All the changes and all the changed weights at
     once were twice the body's fp32 size (~800 MB for Gemma 3 270M): the job's peak RSS was
-    here, 3302 MB with a writer pressing Tab (anonymous 2706; EPYC, 2026-12-08).
+    here, 3302 MB with a writer pressing Tab (anonymous 2706; EPYC, 2026-12-07).
     """
     from transformers import AutoModelForCausalLM
 
