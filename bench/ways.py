@@ -29,7 +29,7 @@ from models.batching import BatchKV, PrefixStore
 from models.kernels import KERNELS, TunedLinear
 from models.registry import DEFAULT_MODEL
 from models.settings import Settings
-from models.tuning import Measured, choose
+from models.tuning import Measured, choose, shape_key
 
 
 def swaps(model, tuning, absmax: dict, fp32, without: str) -> dict[str, tuple]:
@@ -41,7 +41,7 @@ def swaps(model, tuning, absmax: dict, fp32, without: str) -> dict[str, tuple]:
     for name, layer in model.named_modules():
         if not isinstance(layer, TunedLinear) or layer.few_name != without:
             continue
-        key = f"{layer.out_features}x{layer.in_features}"
+        key = shape_key(layer)
         other = choose(measured[key], "few", {without})
         weight = dense[name].weight.detach()
         prepared = KERNELS[other].make(weight, absmax.get(name))

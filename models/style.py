@@ -316,7 +316,7 @@ def merged(base, folder: str, state: dict[str, torch.Tensor], config: StyleConfi
         layer.weight = nn.Parameter(layer.weight.detach() + change, requires_grad=False)
         del change
         if choice is not None:
-            group = tuning.Group(f"{layer.out_features}x{layer.in_features}", [(parent, attr, layer)], False)
+            group = tuning.Group(tuning.shape_key(layer), [(parent, attr, layer)], False)
             absmax = {id(layer): base.absmax[module_name]} if module_name in base.absmax else {}
             tuning.apply([group], {group.key: choice[group.key]}, absmax)
             del group

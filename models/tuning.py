@@ -166,6 +166,11 @@ class Group:
     single: bool
 
 
+def shape_key(layer: nn.Linear, single: bool = False) -> str:
+    """The key a layer's shape is measured and chosen under ("2048x640", "262144x640-output")."""
+    return f"{layer.out_features}x{layer.in_features}" + ("-output" if single else "")
+
+
 def linear_groups(model: nn.Module) -> list[Group]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     groups: dict[str, Group] = {}
@@ -174,7 +179,7 @@ def linear_groups(model: nn.Module) -> list[Group]:
             if type(child) is not nn.Linear or child.weight.device.type != "cpu":
                 continue
             single = child is output
-            key = f"{child.out_features}x{child.in_features}" + ("-output" if single else "")
+            key = shape_key(child, single)
             groups.setdefault(key, Group(key, [], single)).layers.append((parent, name, child))
     return list(groups.values())
 

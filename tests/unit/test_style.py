@@ -187,7 +187,7 @@ def test_an_adapted_model_runs_each_layer_as_the_tuned_base_chose(tok, folder):
     assert body and all(type(m) is TunedLinear for m in body.values())  # no fp32 Linear left behind
     choice = tuning.unrounded(tuned)
     for m in body.values():
-        want = choice[f"{m.out_features}x{m.in_features}"]
+        want = choice[tuning.shape_key(m)]
         assert (m.few_name, m.many_name) == (want["few"], want["many"])
     ids = torch.tensor([tok(TEXT[:200]).input_ids])
     with torch.no_grad():
