@@ -190,6 +190,21 @@ def test_the_rounding_is_made_once_and_only_where_the_way_would_win(fakes, tok):
     assert asked == [1]  # once for the whole model, however many shapes
 
 
+def test_side_by_side_timing_takes_turns_but_not_with_a_far_slower_candidate():
+    calls = {"slow": 0, "fast": 0, "other": 0}
+
+    def counted(name, sleep=0.0):
+        def run():
+            calls[name] += 1
+            time.sleep(sleep)
+        return run
+
+    times = tuning._timed_side_by_side([counted("fast"), counted("other")], pairs=4)
+    assert calls == {"slow": 0, "fast": 5, "other": 5} and len(times) == 2  # one first call, then 4 turns each
+    times = tuning._timed_side_by_side([counted("slow", 0.05), counted("fast")], pairs=4)
+    assert calls["slow"] == 1 and calls["fast"] == 6 and times[0] > times[1]  # one call was enough
+
+
 def test_a_rounded_way_is_timed_side_by_side_with_the_way_it_would_replace(fakes, tok):  # noqa: F811
     # The machine drifts: the rival ran slow while it was timed alone (30 ms a call), and as fast
     # as it is once the rounded way is timed. Timed apart, the rounded way (1 ms) looked 30 times
