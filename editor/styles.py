@@ -310,7 +310,8 @@ class Styles:
         wall = max(0.0, min(config.wall_seconds, config.job_seconds - before_s - max(TAIL_S, before_s)))
         _log(f"training planned to end within {wall:.0f} s ({before_s:.0f} s of the job's {config.job_seconds:.0f} s spent)")
         try:
-            style.train(model, base.tokenizer, train_text, dataclasses.replace(config, wall_seconds=wall), report, should_stop)
+            style.train(model, base.tokenizer, train_text, dataclasses.replace(config, wall_seconds=wall), report, should_stop,
+                        style.output_rows(model, base.loaded.model))
         except style.Cancelled as e:
             raise StyleError(str(e)) from None
         trained_at = time.monotonic()

@@ -298,6 +298,12 @@ class BlockInt8:
         q.mul_(self.scale.index_select(0, flat).float()[..., None])
         return q.view(*index.shape, self.q.shape[1])
 
+    def span(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 rows ``start``..``stop`` -> [stop - start, in]."""
+        q = self.q[start:stop].view(stop - start, -1, self.block).float()
+        q.mul_(self.scale[start:stop].float()[..., None])
+        return q.view(stop - start, self.q.shape[1])
+
     def logits(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Row ``index[b, c]`` of the weight times ``x[b]``: [B, C] from index [B, C], x [B, in].
 

@@ -6,9 +6,11 @@ The steps, as plain functions:
   measured there, on text the adapter never saw);
 - ``trainable``: the model in fp32 from its converted folder (memory-mapped: the weights are
   file pages, not copies) with LoRA matrices on every Linear of the body;
-- ``train``: windows of the text, one epoch, AdamW on the LoRA matrices only. The loss reads
-  the full vocabulary's logits ``chunk`` positions at a time, so a window never holds its
-  whole 256 x 262144 logits (256 MiB, and as much again for their gradient);
+- ``train``: windows of the text, one epoch, AdamW on the LoRA matrices only. The loss makes
+  the full vocabulary's logits half a window and ``chunk`` output rows at a time
+  (``head_loss``), so a window never holds its whole 256 x 262144 logits (256 MiB, and as
+  much again for their gradient), and it reads those rows from the serving model's resident
+  copy where that copy is exact (``OutputRows``);
 - ``merged``: the trained matrices folded into the body's weights (W + s·B·A), and those
   weights made into the formats this machine's tuning chose for the base model
   (models/tuning.py); the embedding and output layer, which LoRA does not touch (62 % of
@@ -33,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.scheduler import FOREGROUND
@@ -48,10 +49,8 @@ class StyleConfig:
     window: int = 256  # tokens a training step reads
     epochs: int = 1
     holdout: float = 0.1  # the last part of the text kept out of training, for the before/after figures
-    # Positions whose full-vocabulary logits exist at once (Gemma 3: 32 MiB, and as much for their
-    # log-softmax and gradient). At 64 a training step's peak was 100 MB higher (anonymous, 1695
-    # against 1591 MB with the serving model) for 3 % less time a step (2.72 against 2.80 s).
-    chunk: int = 32
+    # Output rows read at once by the loss (head_loss): 8192 rows are 21 MiB in fp32.
+    chunk: int = 8192
     # Each decoder layer's activations are made again in the backward pass instead of kept
     # (gradient checkpointing): a 256-token window's training step held 1591 MB anonymous with
     # the serving model, 1228-1287 so (3.08-3.29 against 2.80 s a step). With a writer pressing
@@ -167,40 +166,112 @@ def _yield_hooks(model: nn.Module, pause: Callable[[], None]) -> list:
     return handles
 
 
-def window_loss(model: nn.Module, bos: int | None, window: list[int], chunk: int, pause: Callable[[], None]) -> float:
+@dataclass
+class OutputRows:
+    """The output layer's weight, read as fp32 rows by the training's loss.
+
+    Gemma's output layer is its Q8_0 token embedding, and the serving model already holds it
+    exactly as block int8 (kernels.Screen.exact, 178 MB, resident). Read from there, the
+    training never touches the fp32 copy in the mapped file (671 MB of file pages the job's peak
+    RSS counted), and reads 168 MB of int8 twice a step instead of 671 MB of fp32 sixteen times.
+    Where the copy is not exact (another model's format), the fp32 weight is read instead."""
+
+    weight: torch.Tensor  # fp32 [vocab, hidden]: the training model's own (mapped) weight
+    copy: object | None = None  # kernels.BlockInt8 holding the same values, resident
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    def span(self, start: int, stop: int) -> torch.Tensor:
+        return self.copy.span(start, stop) if self.copy is not None else self.weight[start:stop].float()
+
+    def at(self, index: torch.Tensor) -> torch.Tensor:
+        return self.copy.rows(index) if self.copy is not None else self.weight.index_select(0, index).float()
+
+
+def output_rows(model: nn.Module, serving: nn.Module | None = None) -> OutputRows:
+    """The training model's output rows, from ``serving``'s resident exact copy where it has one
+    (checked on a sample of rows: equal bit for bit, or not used)."""
+    weight = _inner(model).get_output_embeddings().weight.detach()
+    head = serving.get_output_embeddings() if serving is not None and hasattr(serving, "get_output_embeddings") else None
+    copy = getattr(getattr(head, "few_weight", None), "exact", None)
+    if copy is None or tuple(copy.q.shape) != tuple(weight.shape):
+        return OutputRows(weight)
+    sample = torch.cat([torch.arange(min(64, weight.shape[0])), torch.randint(0, weight.shape[0], (64,),
+                        generator=torch.Generator().manual_seed(0))])
+    if not torch.equal(copy.rows(sample), weight.index_select(0, sample).float()):
+        return OutputRows(weight)
+    return OutputRows(weight, copy)
+
+
+def head_loss(hidden: torch.Tensor, targets: torch.Tensor, rows: OutputRows, chunk: int,
+              pause: Callable[[], None], positions: int = 128) -> tuple[float, torch.Tensor]:
+    """Mean cross-entropy of ``hidden`` [T, d] against ``targets`` [T] through the output layer,
+    and its gradient with respect to ``hidden``: the same as F.cross_entropy on the full logits,
+    summed in another order.
+
+    ``positions`` at a time, the output rows are read ``chunk`` at a time, twice: once for the
+    logits (kept: 128 positions x 262144 are 128 MiB) and each position's log-normaliser, once
+    for the softmax's share of the gradient. Made again instead of kept, the logits cost half
+    as much again of the step's largest matmul. Gemma, a 256-token window with the serving
+    model beside it (EPYC, 2026-12-07): 256 positions at a time held 1542 MB anonymous at 2.80 s
+    a step, 128 held 1346 at 2.97 s (the 32-position chunks of full logits before: 1228-1287 MB
+    anonymous, but 1142 MB of the mapped file against 525, at 3.08-3.29 s)."""
+    grad = torch.empty_like(hidden)
+    loss = 0.0
+    spans = [(start, min(start + chunk, rows.vocab)) for start in range(0, rows.vocab, chunk)]
+    for first in range(0, hidden.shape[0], positions):
+        h = hidden[first:first + positions]
+        top = torch.full((h.shape[0],), float("-inf"))
+        total = torch.zeros(h.shape[0])
+        parts = []
+        for start, stop in spans:
+            pause()
+            part = h @ rows.span(start, stop).T
+            high = torch.maximum(top, part.amax(dim=1))
+            total = total * torch.exp(top - high) + torch.exp(part - high[:, None]).sum(dim=1)
+            top = high
+            parts.append(part)
+        normaliser = top + torch.log(total)
+        wanted = rows.at(targets[first:first + positions])
+        loss += float((normaliser - (h * wanted).sum(dim=1)).sum())
+        g = -wanted
+        for (start, stop), part in zip(spans, parts):
+            pause()
+            g.addmm_(part.sub_(normaliser[:, None]).exp_(), rows.span(start, stop))
+        grad[first:first + positions] = g
+        del parts
+    return loss / hidden.shape[0], grad.div_(hidden.shape[0])
+
+
+def window_loss(model: nn.Module, bos: int | None, window: list[int], chunk: int, pause: Callable[[], None],
+                rows: OutputRows | None = None) -> float:
     """Forward and backward of one window; returns its mean loss (nats per token).
 
-    The body runs once; its last hidden states are cut off the graph, and the output layer's
-    logits, loss and gradient are made ``chunk`` positions at a time, each chunk's gradient
-    added into the hidden states' before the body's backward.
+    The body runs once; the loss and its gradient with respect to the last hidden states come
+    from ``head_loss`` (``rows``: the output layer's, by default the model's own), and the
+    body's backward takes that gradient.
     """
     inner = _inner(model)
     ids = torch.tensor([([bos] if bos is not None else []) + window])
     hidden = inner.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-    targets = ids[0, 1:]
-    cut = hidden.detach().requires_grad_(True)
-    head = inner.get_output_embeddings()
-    total = 0.0
-    for start in range(0, targets.shape[0], chunk):
-        pause()
-        logits = head(cut[start:start + chunk]).float()
-        loss = F.cross_entropy(logits, targets[start:start + chunk], reduction="sum") / targets.shape[0]
-        del logits
-        pause()  # a chunk's forward and its backward each read the whole output layer (~0.1 s)
-        loss.backward()
-        total += loss.item()
-    hidden.backward(cut.grad)
-    return total
+    with torch.no_grad():
+        loss, grad = head_loss(hidden.detach().float(), ids[0, 1:], rows or output_rows(model), chunk, pause)
+    hidden.backward(grad.to(hidden.dtype))
+    return loss
 
 
 def train(
     model: nn.Module, tokenizer, text: str, config: StyleConfig,
     report: Callable[[Progress], None] = lambda p: None, should_stop: Callable[[], str | None] = lambda: None,
+    rows: OutputRows | None = None,
 ) -> list[float]:
     """Train the LoRA matrices on ``text`` (``config.epochs`` passes over its windows, shuffled).
 
     ``should_stop()`` returns why to stop (cancelled, out of time) or None; it is asked before
-    every layer, with the wait for Tab presses. Returns the loss of each step.
+    every layer, with the wait for Tab presses. ``rows``: where the loss reads the output layer
+    (``output_rows``). Returns the loss of each step.
     """
     torch.manual_seed(config.seed)
     parts = windows(tokenizer, text, config.window)
@@ -225,6 +296,7 @@ def train(
         if why:
             raise Cancelled(why)
 
+    rows = rows or output_rows(model)
     hooks = _yield_hooks(model, pause)
     losses: list[float] = []
     bos = tokenizer.bos_token_id
@@ -237,7 +309,7 @@ def train(
             warm = min(1.0, (step + 1) / 5)  # a short warm-up, then cosine to zero over the run
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
-            losses.append(window_loss(model, bos, parts[order[step % len(parts)]], config.chunk, pause))
+            losses.append(window_loss(model, bos, parts[order[step % len(parts)]], config.chunk, pause, rows))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -71,6 +71,45 @@ def test_training_lowers_the_loss(tok, folder):
     assert trained and all("lora_" in n for n in trained)
 
 
+def test_the_loss_by_output_rows_is_cross_entropy_and_its_gradient():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g)
+    targets = torch.randint(0, 50, (7,), generator=g)
+    want = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    want.backward()
+    for positions, groups in ((256, 1), (3, 3)):  # all 7 positions at once, or 3 at a time
+        pauses = []
+        loss, grad = style.head_loss(hidden.detach(), targets, style.OutputRows(weight), 16, lambda: pauses.append(1), positions)
+        assert abs(loss - float(want)) < 1e-5 and torch.allclose(grad, hidden.grad, atol=1e-6)
+        assert len(pauses) == groups * 2 * 4  # a chance to step aside for a press before every 16 rows, twice
+
+
+def test_the_loss_reads_the_serving_models_copy_only_where_it_is_exact(tok, folder):
+    from models.kernels import Screen, block_int8
+
+    class Serving(torch.nn.Module):  # the serving model's output layer, as tuning leaves it
+        def __init__(self, exact):
+            super().__init__()
+            self.head = type("Head", (), {"few_weight": Screen([], exact, False)})()
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model = style.trainable(folder, CONFIG)
+    weight = style._inner(model).get_output_embeddings().weight
+    assert style.output_rows(model, Serving(block_int8(weight.detach()))).copy is None  # random fp32: not exact
+    with torch.no_grad():  # weights a Q8_0 block format holds exactly, as Gemma's embedding
+        weight.copy_(block_int8(weight.detach()).span(0, weight.shape[0]))
+    copy = block_int8(weight.detach())
+    rows = style.output_rows(model, Serving(copy))
+    assert rows.copy is copy and torch.equal(rows.span(3, 9), weight[3:9]) and style.output_rows(model).copy is None
+    window = style.windows(tok, TEXT, CONFIG.window)[0]
+    losses = [style.window_loss(model, tok.bos_token_id, window, CONFIG.chunk, lambda: None, r)
+              for r in (rows, style.OutputRows(weight.detach()))]
+    assert abs(losses[0] - losses[1]) < 1e-5
+
+
 def test_training_with_checkpoints_gives_the_same_gradients(tok, folder):
     grads = []
     for checkpoint in (False, True):
