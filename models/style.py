@@ -139,7 +139,7 @@ def trainable(folder: str, config: StyleConfig) -> nn.Module:
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets), lora_dropout=0.0, bias="none")
     model = get_peft_model(model, lora)
     if config.checkpoint:
-        _inner(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _inner(model).activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 
@@ -173,8 +173,9 @@ class OutputRows:
     Gemma's output layer is its Q8_0 token embedding, and the serving model already holds it
     exactly as block int8 (kernels.Screen.exact, 178 MB, resident). Read from there, the
     training never touches the fp32 copy in the mapped file (671 MB of file pages the job's peak
-    RSS counted), and reads 168 MB of int8 twice a step instead of 671 MB of fp32 sixteen times.
-    Where the copy is not exact (another model's format), the fp32 weight is read instead."""
+    RSS counted), and reads 168 MB of int8 four times a step (each half window twice) instead
+    of 671 MB of fp32 sixteen times. Where the copy is not exact (another model's format), the
+    fp32 weight is read instead."""
 
     weight: torch.Tensor  # fp32 [vocab, hidden]: the training model's own (mapped) weight
     copy: object | None = None  # kernels.BlockInt8 holding the same values, resident

@@ -81,7 +81,7 @@ def test_the_loss_by_output_rows_is_cross_entropy_and_its_gradient():
     for positions, groups in ((256, 1), (3, 3)):  # all 7 positions at once, or 3 at a time
         pauses = []
         loss, grad = style.head_loss(hidden.detach(), targets, style.OutputRows(weight), 16, lambda: pauses.append(1), positions)
-        assert abs(loss - float(want)) < 1e-5 and torch.allclose(grad, hidden.grad, atol=1e-6)
+        assert abs(loss - float(want.detach())) < 1e-5 and torch.allclose(grad, hidden.grad, atol=1e-6)
         assert len(pauses) == groups * 2 * 4  # a chance to step aside for a press before every 16 rows, twice
 
 
