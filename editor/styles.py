@@ -310,8 +310,8 @@ class Styles:
         wall = max(0.0, min(config.wall_seconds, config.job_seconds - before_s - max(TAIL_S, before_s)))
         _log(f"training planned to end within {wall:.0f} s ({before_s:.0f} s of the job's {config.job_seconds:.0f} s spent)")
         try:
-            style.train(model, base.tokenizer, train_text, dataclasses.replace(config, wall_seconds=wall), report, should_stop,
-                        style.output_rows(model, base.loaded.model))
+            trained = style.train(model, base.tokenizer, train_text, dataclasses.replace(config, wall_seconds=wall), report,
+                                  should_stop, style.output_rows(model, base.loaded.model))
         except style.Cancelled as e:
             raise StyleError(str(e)) from None
         trained_at = time.monotonic()
@@ -334,7 +334,12 @@ class Styles:
             "perplexity_per_char_before": round(2 ** before, 3),
             "perplexity_per_char_after": round(2 ** after, 3),
             "heldout_chars": len(held),
-            "trained_chars": len(train_text),
+            "trained_chars": len(train_text) - trained.held_back_chars,
+            # When to stop was read on the training text's last characters (never on the
+            # held-out part): the steps taken, and those of the adapter kept.
+            "held_back_chars": trained.held_back_chars,
+            "training_steps": len(trained.losses),
+            "kept_step": trained.kept,
             "seconds": round(time.monotonic() - started, 1),
             "examples": examples,
         }

@@ -121,6 +121,13 @@ def _style_report(answer: dict) -> str:
         f"character** ({change:+.1f} %; perplexity per character {answer['perplexity_per_char_before']:.2f} → "
         f"{answer['perplexity_per_char_after']:.2f}).",
     ]
+    held_back, kept = answer.get("held_back_chars"), answer.get("kept_step")
+    if held_back:
+        lines.append(
+            f"How long to train was chosen on the {held_back:,} characters before those: the base model read them best, so "
+            "this style is the base model as it was." if not kept else
+            f"How long to train was chosen on the {held_back:,} characters before those: kept after step {kept} of "
+            f"{answer.get('training_steps', kept)}, where it read them best.")
     if answer.get("examples"):
         lines += ["", "| your text | you wrote | base model | your style |", "|---|---|---|---|"]
         cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
@@ -322,7 +329,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         """Learn a style from your writing (at least 2,000 characters): a LoRA adapter of `model` (default: the app's model).
 
         Returns when done (minutes): {model, bits_per_char_before, bits_per_char_after, heldout_chars, seconds,
-        examples, owner_key}. Use the returned `model` in /suggest and /score; keep `owner_key` to list
+        training_steps, kept_step, held_back_chars, examples, owner_key}. Use the returned `model` in /suggest and /score; keep `owner_key` to list
         (/styles) or delete (/delete_style) your styles. The last ~10 % of the text is held out for the figures.
         """
         return _or_raise(service.personalize(text, name, model, owner_key or None, caller_gone=_event_gone(demo, request)))

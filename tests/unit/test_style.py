@@ -6,6 +6,7 @@ cancelling, yielding to Tab presses, the adapter on disk and the adapted model's
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -21,7 +22,8 @@ from models.scheduler import FOREGROUND
 from models.settings import Settings
 from tests.unit.test_engine_logic import CORPUS, build_tokenizer
 
-CONFIG = style.StyleConfig(rank=8, alpha=16, lr=3e-2, window=32, epochs=1, chunk=16)
+# validation 0: ``epochs`` passes, nothing held back (the held-back slice has tests of its own)
+CONFIG = style.StyleConfig(rank=8, alpha=16, lr=3e-2, window=32, epochs=1, chunk=16, validation=0.0)
 TEXT = " ".join(CORPUS[:4] * 8)  # English, repetitive: a tiny model can learn it fast
 
 
@@ -63,7 +65,7 @@ def test_split_holds_out_the_end_at_a_sentence():
 def test_training_lowers_the_loss(tok, folder):
     config = style.StyleConfig(**{**vars(CONFIG), "epochs": 6})
     model = style.trainable(folder, config)
-    losses = style.train(model, tok, "the quick brown fox jumps " * 40, config)  # a text a tiny model can learn
+    losses = style.train(model, tok, "the quick brown fox jumps " * 40, config).losses  # a text a tiny model can learn
     per_epoch = len(losses) // 6
     assert sum(losses[-per_epoch:]) / per_epoch < 0.7 * sum(losses[:per_epoch]) / per_epoch
     # Only the LoRA matrices were trained.
@@ -83,6 +85,8 @@ def test_the_loss_by_output_rows_is_cross_entropy_and_its_gradient():
         loss, grad = style.head_loss(hidden.detach(), targets, style.OutputRows(weight), 16, lambda: pauses.append(1), positions)
         assert abs(loss - float(want.detach())) < 1e-5 and torch.allclose(grad, hidden.grad, atol=1e-6)
         assert len(pauses) == groups * 2 * 4  # a chance to step aside for a press before every 16 rows, twice
+        alone, none = style.head_loss(hidden.detach(), targets, style.OutputRows(weight), 16, lambda: None, positions, gradient=False)
+        assert alone == loss and none is None  # the loss alone: the same figure
 
 
 def test_the_loss_reads_the_serving_models_copy_only_where_it_is_exact(tok, folder):
@@ -128,11 +132,11 @@ def test_training_with_checkpoints_gives_the_same_gradients(tok, folder):
 def test_training_ends_on_the_clock_with_fewer_steps_rather_than_running_over(tok, folder):
     # Waits for Tab presses count on the clock: the plan shrinks to what fits, never past it.
     config = style.StyleConfig(**{**vars(CONFIG), "epochs": 3})
-    full = style.train(style.trainable(folder, config), tok, TEXT, config)
+    full = style.train(style.trainable(folder, config), tok, TEXT, config).losses
     assert len(full) == 3 * len(style.windows(tok, TEXT, config.window)) > 2
     out_of_time = style.StyleConfig(**{**vars(config), "wall_seconds": 0.0})
     progress = []
-    cut = style.train(style.trainable(folder, out_of_time), tok, TEXT, out_of_time, report=progress.append)
+    cut = style.train(style.trainable(folder, out_of_time), tok, TEXT, out_of_time, report=progress.append).losses
     assert len(cut) == 2 and progress[-1].done == progress[-1].total == 2
 
 
@@ -148,10 +152,73 @@ def test_the_plan_grows_again_when_the_steps_get_faster(tok, folder):
             time.sleep(2.0)
 
     started = time.monotonic()
-    losses = style.train(style.trainable(folder, config), tok, TEXT, config, report=report)
+    losses = style.train(style.trainable(folder, config), tok, TEXT, config, report=report).losses
     assert min(p.total for p in progress if p.done >= 2) <= 5  # planned down at first...
     assert len(losses) >= 7 and progress[-1].done == progress[-1].total  # ...and up again
     assert time.monotonic() - started < config.wall_seconds + 2.0
+
+
+def held_back_bits(model, tok, text: str, config) -> float:
+    """Bits per character of ``text`` as the training's checks read it."""
+    windows = style.windows(tok, text, config.window)
+    nats = sum(style.window_loss(model, tok.bos_token_id, w, config.chunk, lambda: None, backward=False) * len(w) for w in windows)
+    return nats / math.log(2) / len(text)
+
+
+def test_passes_are_chosen_on_a_slice_held_back_and_the_best_adapter_kept(tok, folder):
+    config = style.StyleConfig(**{**vars(CONFIG), "epochs": 4, "validation": 0.25, "min_validation": 100})
+    fit, slice_ = style.held_back(TEXT, config)
+    assert fit + slice_ == TEXT and len(slice_) >= 100
+    torch.manual_seed(0)
+    model = style.trainable(folder, config)
+    progress = []
+    trained = style.train(model, tok, TEXT, config, report=progress.append)
+    half = len(style.windows(tok, fit, config.window)) // 2
+    assert len({p.started for p in progress}) == 1  # one job's clock, for the ETA
+    assert abs(progress[-1].held_back_bits - min(b for _, b in trained.checks)) < 1e-4
+    assert "held-back text" in progress[-1].line() and "nan" not in progress[0].line()
+    assert trained.held_back_chars == len(slice_)
+    steps = [s for s, _ in trained.checks]
+    assert steps[0] == 0 and all(s % half == 0 for s in steps[1:-1]) and steps[-1] == len(trained.losses)
+    best = min(trained.checks, key=lambda c: c[1])
+    assert trained.kept == best[0] > 0  # a repetitive text: training helped
+    assert abs(held_back_bits(model, tok, slice_, config) - best[1]) < 1e-3  # the model left is the one kept
+
+
+def test_passes_stop_when_the_held_back_slice_reads_no_better_for_a_whole_pass(tok, folder):
+    # A rate far too high: the slice reads better for a while, then worse.
+    config = style.StyleConfig(**{**vars(CONFIG), "epochs": 6, "lr": 10.0, "validation": 0.25, "min_validation": 100})
+    fit, slice_ = style.held_back(TEXT, config)
+    half = len(style.windows(tok, fit, config.window)) // 2
+    torch.manual_seed(0)  # LoRA's A matrices: the same start whatever ran before
+    model = style.trainable(folder, config)
+    trained = style.train(model, tok, TEXT, config)
+    best = min(trained.checks, key=lambda c: c[1])
+    assert trained.kept == best[0] > 0
+    assert [s for s, _ in trained.checks[-config.patience:]] == [best[0] + half * (i + 1) for i in range(config.patience)]
+    assert len(trained.losses) == best[0] + config.patience * half < 6 * 2 * half  # stopped, not six passes
+    assert abs(held_back_bits(model, tok, slice_, config) - best[1]) < 1e-3  # the best one kept, not the last
+    # Never better than the base model (nothing learned): the base is what is kept.
+    still = style.StyleConfig(**{**vars(config), "lr": 0.0})
+    model = style.trainable(folder, still)
+    trained = style.train(model, tok, TEXT, still)
+    assert trained.kept == 0 and len(trained.checks) == 1 + config.patience
+    assert all(float(p.detach().abs().max()) == 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_with_time_for_one_pass_only_the_slice_is_trained_on_not_held_back(tok, folder):
+    config = style.StyleConfig(**{**vars(CONFIG), "epochs": 4, "validation": 0.25, "min_validation": 100, "train_seconds": 0.0})
+    progress = []
+    trained = style.train(style.trainable(folder, config), tok, TEXT, config, report=progress.append)
+    assert len(trained.losses) == 2 and trained.held_back_chars == 0 and trained.checks == [] and trained.kept == 2
+    assert "held-back" not in progress[-1].line()
+
+
+def test_a_text_too_short_to_hold_a_slice_back_gets_one_pass(tok, folder):
+    config = style.StyleConfig(**{**vars(CONFIG), "epochs": 3, "validation": 0.06})  # min_validation: 1000 characters
+    assert style.held_back(TEXT, config) == (TEXT, "")
+    trained = style.train(style.trainable(folder, config), tok, TEXT, config)
+    assert len(trained.losses) == len(style.windows(tok, TEXT, config.window)) and trained.checks == []
 
 
 def test_cancel_stops_between_layers(tok, folder):
@@ -290,3 +357,14 @@ def test_a_job_fits_its_training_into_what_job_seconds_leaves(tok, folder, tmp_p
     spent, ample = plans[0.0], plans[600.0]
     assert spent[-1].done == spent[-1].total == 2
     assert ample[-1].done == ample[-1].total == ample[0].total > 2
+
+
+def test_the_page_says_how_long_the_training_was_chosen_to_be():
+    from editor.ui import _style_report
+
+    answer = {"model": "tiny+mine@AAAAAAAAAAAAAAAA", "seconds": 12.0, "bits_per_char_before": 2.0, "bits_per_char_after": 1.8,
+              "perplexity_per_char_before": 4.0, "perplexity_per_char_after": 3.48, "heldout_chars": 2000}
+    assert "chosen" not in _style_report(answer)  # a short text: one pass, nothing held back
+    kept = _style_report({**answer, "held_back_chars": 1100, "training_steps": 28, "kept_step": 18})
+    assert "1,100 characters" in kept and "step 18 of 28" in kept
+    assert "base model as it was" in _style_report({**answer, "held_back_chars": 1100, "training_steps": 28, "kept_step": 0})
