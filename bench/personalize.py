@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--languages", default=",".join(LANGUAGES))
     parser.add_argument("--cuts", type=int, default=50, help="cut points in each held-out text")
     parser.add_argument("--seeds", type=int, default=3)
-    # Closer to the count of presses timed while a style is learned (~500): the p95 of 30 presses
+    # Closer to the count of presses timed while a style is learned (200-330): the p95 of 30 presses
     # is set by their two slowest.
     parser.add_argument("--calm-presses", type=int, default=150, help="Tab presses timed with nothing else running")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
