@@ -123,11 +123,9 @@ def _style_report(answer: dict) -> str:
     ]
     held_back, kept = answer.get("held_back_chars"), answer.get("kept_step")
     if held_back:
-        lines.append(
-            f"How long to train was chosen on the {held_back:,} characters before those: the base model read them best, so "
-            "this style is the base model as it was." if not kept else
-            f"How long to train was chosen on the {held_back:,} characters before those: kept after step {kept} of "
-            f"{answer.get('training_steps', kept)}, where it read them best.")
+        chosen = (f"kept after step {kept} of {answer.get('training_steps', kept)}, where it read them best." if kept else
+                  "the base model read them best, so this style is the base model as it was.")
+        lines.append(f"How long to train was chosen on the {held_back:,} characters before those: {chosen}")
     if answer.get("examples"):
         lines += ["", "| your text | you wrote | base model | your style |", "|---|---|---|---|"]
         cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
