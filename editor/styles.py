@@ -296,6 +296,10 @@ class Styles:
         say(style.Progress("preparing the model for training"))
         model = style.trainable(base.loaded.folder, config)
         _log(f"learning style '{name}' of {base_name}: {len(train_text)} characters, {len(held)} held out")
+        if config.precision == "auto":
+            chosen, timed = style.measured_precision()
+            _log(f"training in {str(chosen).split('.')[-1]}: the fastest here by {style.BF16_MARGIN}x or fp32 "
+                 f"(a matmul: {', '.join(f'{k} {1000 * v:.2f} ms' for k, v in timed.items())})")
         last_said = [0.0]
 
         def report(progress) -> None:
@@ -340,6 +344,7 @@ class Styles:
             "held_back_chars": trained.held_back_chars,
             "training_steps": len(trained.losses),
             "kept_step": trained.kept,
+            "training_precision": trained.precision,
             "seconds": round(time.monotonic() - started, 1),
             "examples": examples,
         }

@@ -298,10 +298,10 @@ class BlockInt8:
         q.mul_(self.scale.index_select(0, flat).float()[..., None])
         return q.view(*index.shape, self.q.shape[1])
 
-    def span(self, start: int, stop: int) -> torch.Tensor:
-        """fp32 rows ``start``..``stop`` -> [stop - start, in]."""
-        q = self.q[start:stop].view(stop - start, -1, self.block).float()
-        q.mul_(self.scale[start:stop].float()[..., None])
+    def span(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``start``..``stop`` -> [stop - start, in], in fp32 (exact) or ``dtype``."""
+        q = self.q[start:stop].view(stop - start, -1, self.block).to(dtype)
+        q.mul_(self.scale[start:stop].to(dtype)[..., None])
         return q.view(stop - start, self.q.shape[1])
 
     def logits(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,13 @@ The steps, as plain functions:
 - ``trainable``: the model in fp32 from its converted folder (memory-mapped: the weights are
   file pages, not copies) with LoRA matrices on every Linear of the body;
 - ``train``: windows of the text, AdamW on the LoRA matrices only, for as many passes (up to
-  three) as a slice held back from the end of the training text says help (``held_back``);
+  two) as a slice held back from the end of the training text says help (``held_back``);
   the adapter kept is the one that read that slice best. The loss makes
   the full vocabulary's logits half a window and ``chunk`` output rows at a time
   (``head_loss``), so a window never holds its whole 256 x 262144 logits (256 MiB, and as
   much again for their gradient), and it reads those rows from the serving model's resident
-  copy where that copy is exact (``OutputRows``);
+  copy where that copy is exact (``OutputRows``); the matmuls run in bf16 where this CPU
+  runs bf16 much faster than fp32 (``precision``, measured), in fp32 elsewhere;
 - ``merged``: the trained matrices folded into the body's weights (W + s·B·A), and those
   weights made into the formats this machine's tuning chose for the base model
   (models/tuning.py); the embedding and output layer, which LoRA does not touch (62 % of
@@ -23,13 +24,15 @@ The steps, as plain functions:
 Tab presses keep priority: before every layer, forwards and backwards, the training waits
 while any model's queue has presses to serve (models/scheduler.py FOREGROUND), and stops
 there when cancelled or past its time. On 2 cores a layer of a 256-token window is ~50 ms
-of work, so a press waits at most about that long for the training to step aside.
+of work in fp32 (~20 in bf16), so a press waits at most about that long for the training to
+step aside.
 
 Measured (bench/personalize.py, README): which settings and what gain.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -56,8 +59,11 @@ class StyleConfig:
     # project's README) they were 12-13 % lower after one to two (2026-12-07, EPYC). Stopped
     # where the held-back slice read best, the held-out text came out 0 and 0.6 % worse than
     # at its own best. Planned over two passes, as the job reads them: -2.4 and -11.5 % (one
-    # pass: -2.0 and -9.2 %).
-    epochs: int = 3
+    # pass: -2.0 and -9.2 %). Three passes planned were worse than two once the steps were fast
+    # enough for all of them (bf16, alone, held-out read by the training model, 2026-12-07): a
+    # run stopped early keeps an adapter from a rate still high. Doyle -3.46 (kept at step 16
+    # of 32) against -3.47 % (32 of 34), the README -10.9 (60 of 60) against -12.0 % (40 of 40).
+    epochs: int = 2
     # The end of the training text held back to choose when to stop (checked every half pass,
     # stopped after two checks without a better figure, the best adapter kept); 0: no slice,
     # ``epochs`` passes. Where the slice would be under ``min_validation`` characters (texts
@@ -90,6 +96,14 @@ class StyleConfig:
     # with a writer pressing Tab all along (2026-12-07), ~38 s of it measuring, preparing, folding
     # the adapter in and comparing suggestions, before and after the training.
     job_seconds: float = 280.0
+    # The training's matmuls in fp32, or in bf16 where this CPU runs them at least
+    # ``BF16_MARGIN`` times as fast ("auto": measured once a process, ``precision``). A
+    # 256-token window of Gemma, forward and backward, with the rows as the job reads them
+    # (EPYC with avx512_bf16, 2026-12-07): 2.83 s in fp32, 1.15 s in bf16, the loss within
+    # 0.004 nats and the adapter's gradient the same direction (cosine 1.000). Without native
+    # bf16 it is emulated: capped to AVX-512 without bf16, a matmul as fast as fp32 at best;
+    # capped to AVX2, 30x slower.
+    precision: str = "auto"  # "auto", "fp32" or "bf16"
 
 
 class Cancelled(Exception):
@@ -141,6 +155,54 @@ def windows(tokenizer, text: str, size: int) -> list[list[int]]:
     """The text's tokens in windows of ``size`` (each read after the model's BOS, as a document starts)."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) >= 8]
+
+
+# ---------------------------------------------------------------- the training's precision
+
+BF16_MARGIN = 1.5  # bf16 is taken only this much faster: it rounds each product's inputs to 8 bits
+
+
+def choose_precision(seconds: dict[torch.dtype, float], margin: float = BF16_MARGIN) -> torch.dtype:
+    """fp32, unless another precision timed ``margin`` times as fast (a missing or failed one: inf)."""
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds[fastest] * margin <= seconds[torch.float32] else torch.float32
+
+
+def _matmul_seconds(dtype: torch.dtype, repeats: int = 3) -> float:
+    """A training step's largest matmuls in miniature: 128 positions by 2048 output rows of
+    width 640, forwards and for the input's gradient (the fastest of ``repeats``)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 640, generator=generator).to(dtype)
+    w = torch.randn(2048, 640, generator=generator).to(dtype)
+    g = torch.randn(128, 2048, generator=generator).to(dtype)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first call warms up
+        FOREGROUND.wait_idle(2.0)  # not while a Tab press takes the cores (the first job may start amid presses)
+        began = time.perf_counter()
+        x @ w.T, g @ w
+        took = time.perf_counter() - began
+        best = min(best, took)
+        if took > 0.05:  # emulated (~50 ms where fp32 takes ~1.5): known to lose, no need to wait for more
+            break
+    return best
+
+
+@functools.cache
+def measured_precision() -> tuple[torch.dtype, dict[str, float]]:
+    """The precision this process's CPU trains fastest in, and what was timed (seconds): ~0.1 s."""
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            seconds[dtype] = _matmul_seconds(dtype)
+        except RuntimeError:  # no kernel for it here
+            seconds[dtype] = math.inf
+    return choose_precision(seconds), {str(d).split(".")[-1]: t for d, t in seconds.items()}
+
+
+def precision(config: StyleConfig) -> torch.dtype:
+    if config.precision == "auto":
+        return measured_precision()[0]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[config.precision]
 
 
 # ---------------------------------------------------------------- the model being trained
@@ -207,8 +269,8 @@ class OutputRows:
     def vocab(self) -> int:
         return self.weight.shape[0]
 
-    def span(self, start: int, stop: int) -> torch.Tensor:
-        return self.copy.span(start, stop) if self.copy is not None else self.weight[start:stop].float()
+    def span(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.copy.span(start, stop, dtype) if self.copy is not None else self.weight[start:stop].to(dtype)
 
     def at(self, index: torch.Tensor) -> torch.Tensor:
         return self.copy.rows(index) if self.copy is not None else self.weight.index_select(0, index).float()
@@ -230,7 +292,8 @@ def output_rows(model: nn.Module, serving: nn.Module | None = None) -> OutputRow
 
 
 def head_loss(hidden: torch.Tensor, targets: torch.Tensor, rows: OutputRows, chunk: int,
-              pause: Callable[[], None], positions: int = 128, gradient: bool = True) -> tuple[float, torch.Tensor | None]:
+              pause: Callable[[], None], positions: int = 128, gradient: bool = True,
+              dtype: torch.dtype = torch.float32) -> tuple[float, torch.Tensor | None]:
     """Mean cross-entropy of ``hidden`` [T, d] against ``targets`` [T] through the output layer,
     and (unless not ``gradient``: None) its gradient with respect to ``hidden``: the same as
     F.cross_entropy on the full logits, summed in another order.
@@ -241,18 +304,22 @@ def head_loss(hidden: torch.Tensor, targets: torch.Tensor, rows: OutputRows, chu
     as much again of the step's largest matmul. Gemma, a 256-token window with the serving
     model beside it (EPYC, 2026-12-07): 256 positions at a time held 1542 MB anonymous at 2.80 s
     a step, 128 held 1346 at 2.97 s (the 32-position chunks of full logits before: 1228-1287 MB
-    anonymous, but 1142 MB of the mapped file against 525, at 3.08-3.29 s)."""
+    anonymous, but 1142 MB of the mapped file against 525, at 3.08-3.29 s).
+
+    ``dtype`` bf16: the products of the rows and ``hidden`` in bf16, the softmax and the sums
+    in fp32 (``precision``)."""
     grad = torch.empty_like(hidden) if gradient else None
     loss = 0.0
     spans = [(start, min(start + chunk, rows.vocab)) for start in range(0, rows.vocab, chunk)]
     for first in range(0, hidden.shape[0], positions):
         h = hidden[first:first + positions]
+        low = h.to(dtype)
         top = torch.full((h.shape[0],), float("-inf"))
         total = torch.zeros(h.shape[0])
         parts = []
         for start, stop in spans:
             pause()
-            part = h @ rows.span(start, stop).T
+            part = (low @ rows.span(start, stop, dtype).T).float()
             high = torch.maximum(top, part.amax(dim=1))
             total = total * torch.exp(top - high) + torch.exp(part - high[:, None]).sum(dim=1)
             top = high
@@ -266,27 +333,29 @@ def head_loss(hidden: torch.Tensor, targets: torch.Tensor, rows: OutputRows, chu
         g = -wanted
         for (start, stop), part in zip(spans, parts):
             pause()
-            g.addmm_(part.sub_(normaliser[:, None]).exp_(), rows.span(start, stop))
+            g.add_(part.sub_(normaliser[:, None]).exp_().to(dtype) @ rows.span(start, stop, dtype))
         grad[first:first + positions] = g
         del parts
     return loss / hidden.shape[0], grad.div_(hidden.shape[0]) if gradient else None
 
 
 def window_loss(model: nn.Module, bos: int | None, window: list[int], chunk: int, pause: Callable[[], None],
-                rows: OutputRows | None = None, backward: bool = True) -> float:
+                rows: OutputRows | None = None, backward: bool = True, dtype: torch.dtype = torch.float32) -> float:
     """Forward and (unless not ``backward``) backward of one window; returns its mean loss
     (nats per token).
 
     The body runs once; the loss and its gradient with respect to the last hidden states come
     from ``head_loss`` (``rows``: the output layer's, by default the model's own), and the
-    body's backward takes that gradient.
+    body's backward takes that gradient. ``dtype`` bf16: the body's matmuls and attention in
+    bf16 (autocast; the LoRA matrices and their gradients stay fp32), and the loss's as above.
     """
     inner = _inner(model)
     ids = torch.tensor([([bos] if bos is not None else []) + window])
-    with torch.set_grad_enabled(backward):
+    with torch.set_grad_enabled(backward), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         hidden = inner.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
     with torch.no_grad():
-        loss, grad = head_loss(hidden.detach().float(), ids[0, 1:], rows or output_rows(model), chunk, pause, gradient=backward)
+        loss, grad = head_loss(hidden.detach().float(), ids[0, 1:], rows or output_rows(model), chunk, pause,
+                               gradient=backward, dtype=dtype)
     if backward:
         hidden.backward(grad.to(hidden.dtype))
     return loss
@@ -305,6 +374,7 @@ class Trained:
     kept: int  # the steps the kept adapter had taken
     checks: list[tuple[int, float]]  # (step, bits/char on the held-back slice)
     held_back_chars: int
+    precision: str  # of the training's matmuls: "float32" or "bfloat16"
 
 
 def train(
@@ -337,6 +407,7 @@ def train(
     every = max(1, len(parts) // 2) if checking else 0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    dtype = precision(config)
     full = total = epochs * len(parts)
     progress = Progress("training", 0, total)
     report(progress)
@@ -365,7 +436,8 @@ def train(
     def check(step: int) -> None:
         """Read the held-back slice; keep the adapter where it reads best."""
         nonlocal best, kept, since_best, best_state
-        nats = sum(window_loss(model, bos, w, config.chunk, pause, rows, backward=False) * len(w) for w in checking)
+        nats = sum(window_loss(model, bos, w, config.chunk, pause, rows, backward=False, dtype=dtype) * len(w)
+                   for w in checking)
         bits = nats / math.log(2) / len(check_text)
         checks.append((step, round(bits, 4)))
         if bits < best:
@@ -385,7 +457,7 @@ def train(
             warm = min(1.0, (step + 1) / 5)  # a short warm-up, then cosine to zero over the run
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
-            losses.append(window_loss(model, bos, parts[order[step % len(parts)]], config.chunk, pause, rows))
+            losses.append(window_loss(model, bos, parts[order[step % len(parts)]], config.chunk, pause, rows, dtype=dtype))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -425,7 +497,8 @@ def train(
     finally:
         for handle in hooks:
             handle.remove()
-    return Trained(losses, kept if checking else len(losses), checks if checking else [], len(check_text))
+    return Trained(losses, kept if checking else len(losses), checks if checking else [], len(check_text),
+                   str(dtype).split(".")[-1])
 
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,8 +22,9 @@ from models.scheduler import FOREGROUND
 from models.settings import Settings
 from tests.unit.test_engine_logic import CORPUS, build_tokenizer
 
-# validation 0: ``epochs`` passes, nothing held back (the held-back slice has tests of its own)
-CONFIG = style.StyleConfig(rank=8, alpha=16, lr=3e-2, window=32, epochs=1, chunk=16, validation=0.0)
+# validation 0: ``epochs`` passes, nothing held back (the held-back slice has tests of its own);
+# fp32 whatever the CPU (bf16 has tests of its own)
+CONFIG = style.StyleConfig(rank=8, alpha=16, lr=3e-2, window=32, epochs=1, chunk=16, validation=0.0, precision="fp32")
 TEXT = " ".join(CORPUS[:4] * 8)  # English, repetitive: a tiny model can learn it fast
 
 
@@ -87,6 +88,53 @@ def test_the_loss_by_output_rows_is_cross_entropy_and_its_gradient():
         assert len(pauses) == groups * 2 * 4  # a chance to step aside for a press before every 16 rows, twice
         alone, none = style.head_loss(hidden.detach(), targets, style.OutputRows(weight), 16, lambda: None, positions, gradient=False)
         assert alone == loss and none is None  # the loss alone: the same figure
+
+
+def test_the_precision_is_chosen_by_measurement():
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert style.choose_precision({fp32: 1.0, bf16: 2.0}) is fp32  # slower (emulated): never
+    assert style.choose_precision({fp32: 1.0, bf16: 0.8}) is fp32  # faster, but not by the margin
+    assert style.choose_precision({fp32: 1.0, bf16: 0.5}) is bf16
+    assert style.choose_precision({fp32: 1.0, bf16: math.inf}) is fp32  # no kernel for it
+    chosen, timed = style.measured_precision()  # this machine: whichever its own timings say
+    assert chosen is style.choose_precision({fp32: timed["float32"], bf16: timed["bfloat16"]})
+    assert style.precision(style.StyleConfig(precision="auto")) is chosen
+    assert style.precision(CONFIG) is fp32 and style.precision(style.StyleConfig(precision="bf16")) is bf16
+
+
+def test_the_loss_in_bf16_follows_fp32(tok, folder):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(7, 16, generator=g), torch.randn(50, 16, generator=g)
+    targets = torch.randint(0, 50, (7,), generator=g)
+    exact = style.head_loss(hidden, targets, style.OutputRows(weight), 16, lambda: None)
+    low = style.head_loss(hidden, targets, style.OutputRows(weight), 16, lambda: None, dtype=torch.bfloat16)
+    assert abs(low[0] - exact[0]) < 0.02 * exact[0] and low[1].dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(low[1].flatten(), exact[1].flatten(), dim=0) > 0.999
+    # A window of the tiny model, forward and backward: the adapter's gradient points the same way.
+    model = style.trainable(folder, CONFIG)
+    with torch.no_grad():  # B starts at zero; nonzero, A has a gradient too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    window = style.windows(tok, TEXT, CONFIG.window)[0]
+    losses, grads = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        losses.append(style.window_loss(model, tok.bos_token_id, window, CONFIG.chunk, lambda: None, dtype=dtype))
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+        assert all(p.grad.dtype == torch.float32 for p in params)  # the LoRA matrices stay fp32
+        model.zero_grad(set_to_none=True)
+    assert abs(losses[1] - losses[0]) < 0.02 * losses[0]
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_training_in_bf16_lowers_the_loss(tok, folder):
+    config = style.StyleConfig(**{**vars(CONFIG), "epochs": 6, "precision": "bf16"})
+    model = style.trainable(folder, config)
+    trained = style.train(model, tok, "the quick brown fox jumps " * 40, config)
+    per_epoch = len(trained.losses) // 6
+    assert trained.precision == "bfloat16"
+    assert sum(trained.losses[-per_epoch:]) < 0.7 * sum(trained.losses[:per_epoch])
 
 
 def test_the_loss_reads_the_serving_models_copy_only_where_it_is_exact(tok, folder):
