@@ -327,7 +327,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         """Learn a style from your writing (at least 2,000 characters): a LoRA adapter of `model` (default: the app's model).
 
         Returns when done (minutes): {model, bits_per_char_before, bits_per_char_after, heldout_chars, seconds,
-        training_steps, kept_step, held_back_chars, examples, owner_key}. Use the returned `model` in /suggest and /score; keep `owner_key` to list
+        training_steps, kept_step, held_back_chars, training_precision, examples, owner_key}. Use the returned `model` in /suggest and /score; keep `owner_key` to list
         (/styles) or delete (/delete_style) your styles. The last ~10 % of the text is held out for the figures.
         """
         return _or_raise(service.personalize(text, name, model, owner_key or None, caller_gone=_event_gone(demo, request)))
