@@ -168,23 +168,19 @@ def choose_precision(seconds: dict[torch.dtype, float], margin: float = BF16_MAR
     return fastest if seconds[fastest] * margin <= seconds[torch.float32] else torch.float32
 
 
-def _matmul_seconds(dtype: torch.dtype, repeats: int = 3) -> float:
+def _matmul_seconds(dtype: torch.dtype) -> float:
     """A training step's largest matmuls in miniature: 128 positions by 2048 output rows of
-    width 640, forwards and for the input's gradient (the fastest of ``repeats``)."""
+    width 640, forwards and for the input's gradient, timed as the tuning times a way
+    (``tuning.seconds_per_call``: the median after a first call; one whose first call takes
+    over ~50 ms, emulated where fp32 takes ~1.5, is not timed further)."""
+    from models.tuning import seconds_per_call
+
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(128, 640, generator=generator).to(dtype)
     w = torch.randn(2048, 640, generator=generator).to(dtype)
     g = torch.randn(128, 2048, generator=generator).to(dtype)
-    best = math.inf
-    for _ in range(repeats + 1):  # the first call warms up
-        FOREGROUND.wait_idle(2.0)  # not while a Tab press takes the cores (the first job may start amid presses)
-        began = time.perf_counter()
-        x @ w.T, g @ w
-        took = time.perf_counter() - began
-        best = min(best, took)
-        if took > 0.05:  # emulated (~50 ms where fp32 takes ~1.5): known to lose, no need to wait for more
-            break
-    return best
+    FOREGROUND.wait_idle(2.0)  # not while a Tab press takes the cores (the first job may start amid presses)
+    return seconds_per_call(lambda: (x @ w.T, g @ w), give_up_s=0.05)
 
 
 @functools.cache

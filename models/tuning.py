@@ -324,7 +324,7 @@ def _drop_flush_buffer() -> None:
     _flush_buffer = None
 
 
-def _timed(fn: Callable[[], object], give_up_s: float | None = None, cold: bool = False) -> float:
+def seconds_per_call(fn: Callable[[], object], give_up_s: float | None = None, cold: bool = False) -> float:
     """Seconds per call: the median of a few calls within TIME_BUDGET_S (one first call not
     counted). A way whose first call takes longer than ``give_up_s`` is not timed further.
     ``cold``: the cache is flushed before each call (see _flush_cache)."""
@@ -462,7 +462,7 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
             layers = prepared[:MANY_LAYERS] if regime == "many" else prepared
             factor = scale * len(prepared) / len(layers)
             cutoff = GIVE_UP * best[regime] / 1e3 / factor if regime in best else None
-            return 1e3 * factor * _timed(lambda: [kernel.run(x, p) for p in layers], cutoff, cold=regime != "many")
+            return 1e3 * factor * seconds_per_call(lambda: [kernel.run(x, p) for p in layers], cutoff, cold=regime != "many")
 
         if for_few and paired is not None:  # timed side by side above: the same bytes, rounded otherwise
             found.few_ms = rival[0].few_ms * paired
