@@ -197,6 +197,7 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
         "training_steps": answer.get("training_steps"),
         "kept_step": answer.get("kept_step"),
         "training_precision": answer.get("training_precision"),
+        "text_cache_weight": answer.get("text_cache_weight"),
         "bits_per_char_base": answer["bits_per_char_before"],
         "bits_per_char_adapted": answer["bits_per_char_after"],
         "bits_per_char_change_pct": round((answer["bits_per_char_after"] / answer["bits_per_char_before"] - 1) * 100, 2),

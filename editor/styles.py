@@ -1,9 +1,10 @@
 """Learned styles ("Learn my style", the API's /personalize): the job that learns one, and where they are kept.
 
 A style is a LoRA adapter of one offered base model, trained on a writer's own text
-(models/style.py). It is saved under the cache folder, ``<cache>/styles/<id>/`` (the LoRA
-matrices and ``style.json``), tied to an owner key that is stored hashed, as documents' keys
-are. Its model name is ``<base>+<name>@<id>``: the id is 96 random bits, so the name is what
+(models/style.py), and, where it reads the writer's text better, a cache of that text blended
+in (models/textcache.py). It is saved under the cache folder, ``<cache>/styles/<id>/`` (the
+LoRA matrices, ``style.json``, and with a cache the text as tokens), tied to an owner key that
+is stored hashed, as documents' keys are. Its model name is ``<base>+<name>@<id>``: the id is 96 random bits, so the name is what
 lets a writer (or their API client) use the style, like a share link, and nobody can guess
 another writer's; listing and deleting need the owner key.
 
@@ -42,6 +43,8 @@ MAX_STYLES = int(os.environ.get("TABWRITE_MAX_STYLES", 100))  # on this server
 STYLES_PER_OWNER = 8
 IN_MEMORY = 2  # learned styles kept loaded (each ~300 MB for Gemma 3 270M: its body in the tuned formats)
 EXAMPLES = 3  # held-out sentences shown with the base model's and the style's suggestions
+TEXT_FILE = "text.safetensors"  # the writer's text as tokens, for a style that blends a cache of it in
+MIN_CACHE_CHECK = 300  # characters of the training text's end read to choose the cache's weight, at least
 
 NAME = re.compile(r"[\w-]{1,32}")  # letters (any script), digits, '_' and '-'
 MODEL = re.compile(r"(?P<base>.+)\+(?P<name>[\w-]{1,32})@(?P<id>[A-Za-z0-9_-]{16})")
@@ -94,6 +97,13 @@ class StyleStore:
 
         return load_file(str(self._dir(style_id) / "adapter.safetensors"))
 
+    def text_ids(self, style_id: str) -> list[int]:
+        """The writer's text as tokens, where the style blends a cache of it in (else [])."""
+        from safetensors.torch import load_file
+
+        where = self._dir(style_id) / TEXT_FILE
+        return load_file(str(where))["ids"].tolist() if where.is_file() else []
+
     def _all(self) -> list[dict]:
         if not self.folder.is_dir():
             return []
@@ -108,8 +118,11 @@ class StyleStore:
         if len(mine) >= STYLES_PER_OWNER:
             raise StyleError(TOO_MANY_YOURS.format(n=len(mine)))
 
-    def save(self, owner_key: str, base: str, name: str, state: dict, config: dict, figures: dict) -> dict:
-        """Write a new style; its public description (model name included)."""
+    def save(self, owner_key: str, base: str, name: str, state: dict, config: dict, figures: dict,
+             text_ids: list[int] = ()) -> dict:
+        """Write a new style; its public description (model name included). ``text_ids``: the
+        writer's text as tokens, kept only where the style blends a cache of it in."""
+        import torch
         from safetensors.torch import save_file
 
         with self._lock:
@@ -119,6 +132,8 @@ class StyleStore:
             partial = self.folder / f".{style_id}.partial"
             partial.mkdir(parents=True, mode=0o700)
             save_file(state, str(partial / "adapter.safetensors"))
+            if text_ids:
+                save_file({"ids": torch.tensor(list(text_ids), dtype=torch.int32)}, str(partial / TEXT_FILE))
             meta = {
                 "id": style_id, "model": model_name(base, name, style_id), "name": name, "base": base,
                 "owner": key_hash(owner_key), "created": time.time(), "config": config, **figures,
@@ -194,10 +209,15 @@ class Styles:
     def _make_engine(self, meta: dict, state: dict):
         from models.engine import SuggestionEngine
         from models.style import StyleConfig, merged
+        from models.textcache import TextCache
 
         base = self._base_engine(meta["base"])
         config = StyleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-        return SuggestionEngine(merged(base.loaded, base.loaded.folder, state, config, meta["model"]))
+        engine = SuggestionEngine(merged(base.loaded, base.loaded.folder, state, config, meta["model"]))
+        weight = float(meta.get("text_cache_weight") or 0.0)
+        if weight > 0:
+            engine.text_cache = TextCache(self.store.text_ids(meta["id"]), engine.model.config.vocab_size, weight)
+        return engine
 
     def forget(self, style_id: str) -> None:
         with self._engines_lock:
@@ -260,6 +280,7 @@ class Styles:
 
         from models import scoring, style
         from models.engine import SuggestionEngine
+        from models.textcache import TextCache
 
         started = time.monotonic()
         base = self._base_engine(base_name)
@@ -328,6 +349,14 @@ class Styles:
         adapted = style.merged(base.loaded, base.loaded.folder, state, config, "pending")
         give_back_memory()
         engine = SuggestionEngine(adapted)
+        say(style.Progress("choosing how much to draw on your text"))
+        weight, tried = self._cache_weight(engine, train_text, config, should_stop)
+        text_ids = base.tokenizer(train_text, add_special_tokens=False).input_ids if weight > 0 else []
+        if weight > 0:
+            engine.text_cache = TextCache(text_ids, engine.model.config.vocab_size, weight)
+        _log(f"a cache of your text blended in at weight {weight} (the training text's last "
+             f"{tried.get('chars', 0)} characters read at " + ", ".join(f"{w}: {n:.4f}" for w, n in tried.get("nats", {}).items())
+             + " nats a token)")
         say(style.Progress("measuring the adapted model on your held-out text"))
         after = bits(engine)
         say(style.Progress("comparing suggestions"))
@@ -345,10 +374,11 @@ class Styles:
             "training_steps": len(trained.losses),
             "kept_step": trained.kept,
             "training_precision": trained.precision,
+            "text_cache_weight": weight,
             "seconds": round(time.monotonic() - started, 1),
             "examples": examples,
         }
-        meta = self.store.save(owner_key, base_name, name, state, config_dict, figures)
+        meta = self.store.save(owner_key, base_name, name, state, config_dict, figures, text_ids)
         adapted.name = meta["model"]
         with self._engines_lock:
             self._engines[meta["id"]] = engine
@@ -357,6 +387,36 @@ class Styles:
         _log(f"style {meta['model']} ready: bits/char {before:.3f} -> {after:.3f} on {len(held)} held-out characters "
              f"({figures['seconds']:.0f} s: {before_s:.0f} before the training, {time.monotonic() - trained_at:.0f} after)")
         return dict(meta, owner_key=owner_key)
+
+    @staticmethod
+    def _cache_weight(engine, train_text: str, config, should_stop) -> tuple[float, dict]:
+        """How much of a cache of the writer's text to blend in (models/textcache.py): the
+        weight that reads the training text's last part best (``config.validation`` of it, at
+        least MIN_CACHE_CHECK characters), the adapted model's probabilities from scoring it, the
+        cache's from counting the rest.
+
+        Where the training held that part back, the read is fair; where it trained on it too
+        (no time for a pass and a half), the adapted model reads it better than it would new
+        text, so the weight comes out smaller: on the safe side. Never the held-out text."""
+        from models import scoring, style
+        from models.textcache import TextCache, choose_weight
+
+        if len(train_text) < 2 * MIN_CACHE_CHECK:
+            return 0.0, {}
+        fit, check = style.split(train_text, max(config.validation, MIN_CACHE_CHECK / len(train_text)))
+        why = should_stop()
+        if why:
+            raise StyleError(why)
+        answer = scoring.score_local(engine, check, alternatives=0)
+        if "error" in answer:
+            raise StyleError(answer["error"])
+        probs = [t["prob"] for t in answer["tokens"]]
+        ids = engine.tokenizer(check, add_special_tokens=False).input_ids
+        if len(ids) != len(probs) or None in probs:
+            return 0.0, {}
+        cache = TextCache(engine.tokenizer(fit, add_special_tokens=False).input_ids, engine.model.config.vocab_size)
+        weight, nats = choose_weight(probs, cache.probabilities(ids))
+        return weight, {"chars": len(check), "nats": nats}
 
     @staticmethod
     def _examples(base, adapted, train_text: str, held: str) -> list[dict]:

@@ -126,6 +126,10 @@ def _style_report(answer: dict) -> str:
         chosen = (f"kept after step {kept} of {answer.get('training_steps', kept)}, where it read them best." if kept else
                   "the base model read them best, so this style is the base model as it was.")
         lines.append(f"How long to train was chosen on the {held_back:,} characters before those: {chosen}")
+    weight = answer.get("text_cache_weight")
+    if weight:
+        lines.append(f"It also draws on your text itself (the names and phrases you use again): "
+                     f"{weight:.0%} of each guess comes from counts of it, as the training text's end read best.")
     if answer.get("examples"):
         lines += ["", "| your text | you wrote | base model | your style |", "|---|---|---|---|"]
         cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
@@ -327,7 +331,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         """Learn a style from your writing (at least 2,000 characters): a LoRA adapter of `model` (default: the app's model).
 
         Returns when done (minutes): {model, bits_per_char_before, bits_per_char_after, heldout_chars, seconds,
-        training_steps, kept_step, held_back_chars, training_precision, examples, owner_key}. Use the returned `model` in /suggest and /score; keep `owner_key` to list
+        training_steps, kept_step, held_back_chars, training_precision, text_cache_weight, examples, owner_key}. Use the returned `model` in /suggest and /score; keep `owner_key` to list
         (/styles) or delete (/delete_style) your styles. The last ~10 % of the text is held out for the figures.
         """
         return _or_raise(service.personalize(text, name, model, owner_key or None, caller_gone=_event_gone(demo, request)))

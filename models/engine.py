@@ -52,6 +52,7 @@ from models.loading import LoadedModel
 from models.scheduler import Scheduler
 from models.settings import Settings
 from models.steps import follow_logprobs, forbid_unlikely_stop, sample
+from models.textcache import TextCache
 
 # How many prompt tokens are decoded alongside a continuation to turn it into text
 # (SentencePiece drops a leading space when a piece is decoded on its own).
@@ -239,6 +240,9 @@ class SuggestionEngine(Backend):
         self.pace = Pace()
         # Rows start with the likeliest distinct openings (issue 12); off: plain sampling (bench.quality's baseline).
         self.distinct_openings = True
+        # A learned style's cache of the writer's own text (models/textcache.py), blended into
+        # every next-token distribution a press samples from and scoring reads; None: the model alone.
+        self.text_cache: TextCache | None = None
         self.queue: Scheduler[Press] = Scheduler(self.name, self.round_, lambda: bool(self.batches))
 
     @property
@@ -408,6 +412,12 @@ def heal(engine: SuggestionEngine, ids: list[int]) -> tuple[list[int], str | Non
     return ids, None, ""
 
 
+def blended(engine: SuggestionEngine, logits: torch.Tensor, contexts: list[list[int]]) -> torch.Tensor:
+    """``logits`` [B, V] with the engine's text cache blended in (each row after the tokens
+    ``contexts[b]``); as they are without one."""
+    return logits if engine.text_cache is None else engine.text_cache.blend(logits, contexts)
+
+
 def healed(engine: SuggestionEngine, logits: torch.Tensor, piece: str) -> torch.Tensor:
     """``logits`` [1, V] where only tokens starting with the healed ``piece`` may come."""
     allowed = engine.vocab.starting_with(piece).to(engine.device)
@@ -443,6 +453,7 @@ def admit(engine: SuggestionEngine, press: Press, alone: bool) -> None:
     started = time.perf_counter()
     cache, logits, result.new_prompt_tokens = engine.prefixes.prefill(ids, engine.device)
     engine.pace.prefilled(result.new_prompt_tokens, time.perf_counter() - started)
+    logits = blended(engine, logits, [ids])  # before healing's mask: the mask has the last word
     n = len(ask.wanted)
     if healed_piece is not None:  # on the one row of the prompt, before it is copied for each suggestion
         logits = healed(engine, logits, healed_piece)
@@ -499,6 +510,7 @@ def likeliest_openings(engine: SuggestionEngine, text: str, first: int = opening
     with engine.lock:
         ids, piece, healed_text = heal(engine, ids)
         cache, logits, _ = engine.prefixes.prefill(ids, engine.device)
+        logits = blended(engine, logits, [ids])
         if piece is not None:
             logits = healed(engine, logits, piece)
         context = ids[-_DECODE_CONTEXT:]
@@ -507,6 +519,7 @@ def likeliest_openings(engine: SuggestionEngine, text: str, first: int = opening
         kv = BatchKV(engine.model.config, engine.cache_limit - 1)
         kv.add(cache, len(ids), len(candidates))
         following = kv.step(engine.model, torch.tensor([c.ids[0] for c in candidates], device=engine.device))
+        following = blended(engine, following, [context + c.ids[:1] for c in candidates])
         ranked = openings.rank(candidates, following, text_of, engine.vocab.extends_latin, engine.vocab.extends_cjk, ending=engine.ending_ids)
         rank_by_following(engine, ranked, cache, following_ids(engine, after))
     return ranked
@@ -625,6 +638,7 @@ def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: lis
         press.phase = "choose"
         result.steps += 1
         return [] if finish(engine, press, batch) else fed
+    logits = blended(engine, logits, [press.context + press.rows[r].ids for r in numbers])
     forced: list[int | None] = [None] * len(index)
     if press.phase == "choose":
         plan = choose_openings(engine, press, logits, numbers)

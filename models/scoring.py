@@ -138,6 +138,7 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int,
     spans = token_spans(text, offsets)
     bos = [engine.bos_id] if engine.bos_id is not None else []
     split = _split_head_works(engine)
+    text_cache = getattr(engine, "text_cache", None)
     decoded: dict[int, str] = {}
     results: list[dict] = []
     total_nll, scored_chars = 0.0, 0
@@ -189,8 +190,13 @@ def _score_local(engine, text: str, alternatives: int, on_progress, precut: int,
                         if hi <= lo:
                             continue
                         with torch.inference_mode():
-                            logp = torch.log_softmax(logits[lo - a : hi - a], dim=-1)
-                            del logits
+                            rows = logits[lo - a : hi - a]
+                            if text_cache is not None:  # a learned style's cache of the writer's text
+                                first_target = start + lo - offset
+                                rows = text_cache.blend(rows, [ids[max(0, t - text_cache.order): t]
+                                                               for t in range(first_target, first_target + hi - lo)])
+                            logp = torch.log_softmax(rows, dim=-1)
+                            del rows, logits
                             target_logp = logp.gather(1, targets[lo - offset : hi - offset, None]).squeeze(1)
                             ranks = (logp > target_logp[:, None]).sum(dim=1) + 1
                             # Alternatives are text the writer could use: no control tokens such as <start_of_image>.

@@ -301,6 +301,9 @@ def test_adapter_round_trips_through_disk_and_merges_exactly(tok, folder, tmp_pa
     store = StyleStore(tmp_path)
     meta = store.save("k" * 32, "tiny", "mine", state, {"rank": CONFIG.rank}, {"bits_per_char_after": 1.0})
     assert parse(meta["model"]) == {"base": "tiny", "name": "mine", "id": meta["id"]}
+    assert store.text_ids(meta["id"]) == []  # no cache blended in: the writer's text is not kept
+    cached = store.save("k" * 32, "tiny", "cached", state, {"rank": CONFIG.rank}, {"text_cache_weight": 0.1}, [5, 7, 300])
+    assert store.text_ids(cached["id"]) == [5, 7, 300] and store.delete(cached["id"], "k" * 32)
     again = store.state(meta["id"])
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
     # The merged model gives the adapter's logits (W + s·B·A), from the state read back.
@@ -363,6 +366,14 @@ def test_learn_end_to_end_and_prefix_caches_apart(tok, folder, tmp_path):
     assert len(answer["examples"]) >= 1 and {"text", "actual", "base", "style"} <= set(answer["examples"][0])
     adapted = styles.engine(answer["model"])
     assert adapted is styles.engine(answer["model"])  # kept loaded: switching back is instant
+    # The text repeats itself: a cache of it reads the training text's end better than the model
+    # alone, so one is blended in; saved with the style, and loaded with it again.
+    weight = answer["text_cache_weight"]
+    assert weight > 0 and adapted.text_cache is not None and adapted.text_cache.weight == weight
+    styles.forget(parse(answer["model"])["id"])
+    again = styles.engine(answer["model"])
+    assert again is not adapted and again.text_cache.weight == weight
+    assert again.text_cache.ids == adapted.text_cache.ids == tok(style.split(text, CONFIG.holdout)[0], add_special_tokens=False).input_ids
     # Each model its own prefix caches: the base model's cached prompt is never read by the style.
     settings = Settings(lengths=[4])
     base.suggest(TEXT[:300], settings, seed=0)
@@ -416,3 +427,5 @@ def test_the_page_says_how_long_the_training_was_chosen_to_be():
     kept = _style_report({**answer, "held_back_chars": 1100, "training_steps": 28, "kept_step": 18})
     assert "1,100 characters" in kept and "step 18 of 28" in kept
     assert "base model as it was" in _style_report({**answer, "held_back_chars": 1100, "training_steps": 28, "kept_step": 0})
+    assert "draws on your text" not in kept  # no cache blended in
+    assert "10% of each guess" in _style_report({**answer, "text_cache_weight": 0.1})
