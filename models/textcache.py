@@ -40,9 +40,13 @@ WEIGHTS = (0.0, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3)  # tried by choose_weight
 class TextCache:
     """N-gram counts of ``ids`` (a writer's text as tokens), and the weight they are blended with.
 
-    Each order's contexts are packed into one int64 key (their token ids side by side, ``bits``
-    each) and kept sorted, with their followers' counts: ~50 bytes a token, looked up with a
-    binary search, where Python dicts of counters took ~1.5 KB a token.
+    Each order's contexts are packed into one int (their token ids side by side, ``bits`` each)
+    and kept sorted, with their followers' counts, and found by bisection: 30,000 tokens (three
+    of the bench's texts) took 0.1 s to count and 2.1 MB, and a row's distribution ~16 us
+    (EPYC, 2026-12-07); blending it into 3 rows of Gemma's logits ~0.5 ms, of which the
+    log-sum-exp over 262,144 logits is 0.3. In presses (alternating, 20 each way, a cache of
+    bench/data/style_en_new.txt at weight 0.1) a press took 20.6 ms a step with it, 20.9 without:
+    in the noise.
     """
 
     def __init__(self, ids: list[int], vocab: int, weight: float = 0.0, order: int = ORDER):

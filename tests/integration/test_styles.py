@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from models.textcache import WEIGHTS
+
 gradio_client = pytest.importorskip("gradio_client")
 
 TEXT = (Path(__file__).resolve().parents[2] / "bench" / "data" / "style_en.txt").read_text(encoding="utf-8")[:2600]
@@ -36,6 +38,7 @@ def test_a_learned_style_is_a_model_of_its_own_for_its_owner(client):
     assert 0.3 < answer["bits_per_char_before"] < 3 and 0.3 < answer["bits_per_char_after"] < 3
     assert answer["bits_per_char_after"] != answer["bits_per_char_before"]
     assert answer["training_precision"] in ("float32", "bfloat16")  # whichever this CPU trains faster in
+    assert answer["text_cache_weight"] in WEIGHTS  # as the training text's end read best
     assert answer["examples"] and all(e["base"] is not None and e["style"] is not None for e in answer["examples"])
     try:
         rows = client.predict("To Sherlock Holmes she is always", api_name="/suggest", model=model)
