@@ -4,9 +4,9 @@ A style is a LoRA adapter of one offered base model, trained on a writer's own t
 (models/style.py), and, where it reads the writer's text better, a cache of that text blended
 in (models/textcache.py). It is saved under the cache folder, ``<cache>/styles/<id>/`` (the
 LoRA matrices, ``style.json``, and with a cache the text as tokens), tied to an owner key that
-is stored hashed, as documents' keys are. Its model name is ``<base>+<name>@<id>``: the id is 96 random bits, so the name is what
-lets a writer (or their API client) use the style, like a share link, and nobody can guess
-another writer's; listing and deleting need the owner key.
+is stored hashed, as documents' keys are. Its model name is ``<base>+<name>@<id>``: the id is
+96 random bits, so the name is what lets a writer (or their API client) use the style, like a
+share link, and nobody can guess another writer's; listing and deleting need the owner key.
 
 One style is learned at a time on a server; another request meanwhile is answered BUSY at
 once. Each job is bounded: text (the last MAX_CHARS characters are read), time
@@ -361,9 +361,10 @@ class Styles:
         text_ids = base.tokenizer(train_text, add_special_tokens=False).input_ids if weight > 0 else []
         if weight > 0:
             engine.text_cache = TextCache(text_ids, engine.model.config.vocab_size, weight)
-        _log(f"a cache of your text blended in at weight {weight} (the training text's last "
-             f"{tried.get('chars', 0)} characters read at " + ", ".join(f"{w}: {n:.4f}" for w, n in tried.get("nats", {}).items())
-             + " nats a token)")
+        if tried:
+            reads = ", ".join(f"{w}: {n:.4f}" for w, n in tried["nats"].items())
+            _log(f"a cache of your text blended in at weight {weight} (the training text's last {tried['chars']} "
+                 f"characters read at {reads} nats a token)")
         say(style.Progress("measuring the adapted model on your held-out text"))
         after = bits(engine)
         say(style.Progress("comparing suggestions"))
