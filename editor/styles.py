@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from editor.documents import TOKEN, key_hash
-from models.core import clean_prompt, give_back_memory
+from models.core import clean_prompt, dtype_name, give_back_memory
 from models.registry import ModelNotFound, cache_root
 
 MIN_CHARS = 2000
@@ -309,14 +309,18 @@ class Styles:
                 return f"Stopped: learning a style may take at most {MAX_SECONDS:.0f} s on this server."
             return None
 
-        def bits(engine) -> float:
+        def scored(engine, text: str) -> dict:
+            """``text`` read by ``engine`` (scoring's answer), unless the job is to stop."""
             why = should_stop()
             if why:
                 raise StyleError(why)
-            answer = scoring.score_local(engine, held, alternatives=0)
+            answer = scoring.score_local(engine, text, alternatives=0)
             if "error" in answer:
                 raise StyleError(answer["error"])
-            return answer["bits_per_char"]
+            return answer
+
+        def bits(engine) -> float:
+            return scored(engine, held)["bits_per_char"]
 
         say(style.Progress("measuring the base model on your held-out text"))
         before = bits(base)
@@ -325,7 +329,7 @@ class Styles:
         _log(f"learning style '{name}' of {base_name}: {len(train_text)} characters, {len(held)} held out")
         if config.precision == "auto":
             chosen, timed = style.measured_precision()
-            _log(f"training in {str(chosen).split('.')[-1]}: a matmul here took "
+            _log(f"training in {dtype_name(chosen)}: a matmul here took "
                  f"{', '.join(f'{k} {1000 * v:.2f} ms' for k, v in timed.items())} (bf16 where {style.BF16_MARGIN}x as fast)")
         last_said = [0.0]
 
@@ -357,7 +361,7 @@ class Styles:
         give_back_memory()
         engine = SuggestionEngine(adapted)
         say(style.Progress("choosing how much to draw on your text"))
-        weight, tried = self._cache_weight(engine, train_text, config, should_stop)
+        weight, tried = self._cache_weight(engine, train_text, config, scored)
         text_ids = base.tokenizer(train_text, add_special_tokens=False).input_ids if weight > 0 else []
         if weight > 0:
             engine.text_cache = TextCache(text_ids, engine.model.config.vocab_size, weight)
@@ -397,28 +401,22 @@ class Styles:
         return dict(meta, owner_key=owner_key)
 
     @staticmethod
-    def _cache_weight(engine, train_text: str, config, should_stop) -> tuple[float, dict]:
+    def _cache_weight(engine, train_text: str, config, scored: Callable) -> tuple[float, dict]:
         """How much of a cache of the writer's text to blend in (models/textcache.py): the
         weight that reads the training text's last part best (``config.validation`` of it, at
         least MIN_CACHE_CHECK characters), the adapted model's probabilities from scoring it, the
-        cache's from counting the rest.
+        cache's from counting the rest. ``scored(engine, text)``: the job's read of a text.
 
         Where the training held that part back, the read is fair; where it trained on it too
         (no time for a pass and a half), the adapted model reads it better than it would new
         text, so the weight comes out smaller: on the safe side. Never the held-out text."""
-        from models import scoring, style
+        from models import style
         from models.textcache import TextCache, choose_weight
 
         if len(train_text) < 2 * MIN_CACHE_CHECK:
             return 0.0, {}
         fit, check = style.split(train_text, max(config.validation, MIN_CACHE_CHECK / len(train_text)))
-        why = should_stop()
-        if why:
-            raise StyleError(why)
-        answer = scoring.score_local(engine, check, alternatives=0)
-        if "error" in answer:
-            raise StyleError(answer["error"])
-        probs = [t["prob"] for t in answer["tokens"]]
+        probs = [t["prob"] for t in scored(engine, check)["tokens"]]
         ids = engine.tokenizer(check, add_special_tokens=False).input_ids
         if len(ids) != len(probs) or None in probs:
             return 0.0, {}

@@ -323,6 +323,11 @@ class Backend(Protocol):
         ...
 
 
+def dtype_name(dtype) -> str:
+    """A torch dtype's short name, as files, logs and answers spell it: "float32", "bfloat16"."""
+    return str(dtype).split(".")[-1]
+
+
 def resident_mb() -> float:
     """This process's resident memory in MB (Linux's /proc/self/statm; elsewhere 0)."""
     try:

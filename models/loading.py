@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from models.core import dtype_name
 from models.registry import CACHE_ENV, ModelLoadError, ModelNotFound, ModelSource, cache_root, resolve  # noqa: F401  (re-exported; ModelLoadError: raised here)
 
 log = logging.getLogger("tabwrite")
@@ -68,7 +69,7 @@ CONVERTED_DTYPE = torch.float32
 def _gguf_cache_dir(gguf_path: str, dtype: torch.dtype = CONVERTED_DTYPE) -> Path:
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{int(st.st_mtime)}|{dtype}".encode()).hexdigest()[:12]
-    return cache_root() / f"{Path(gguf_path).stem}-{str(dtype).split('.')[-1]}-{key}"
+    return cache_root() / f"{Path(gguf_path).stem}-{dtype_name(dtype)}-{key}"
 
 
 def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype, round_too: bool = False) -> None:
@@ -134,7 +135,7 @@ def _convert_apart(gguf_path: str, target: Path, dtype: torch.dtype, round_too: 
 
     code = "import sys; from models.loading import _convert_main; sys.exit(_convert_main(sys.argv[1:]))"
     child = subprocess.Popen(
-        [sys.executable, "-c", code, gguf_path, str(target), str(dtype).split(".")[-1], str(os.getpid()),
+        [sys.executable, "-c", code, gguf_path, str(target), dtype_name(dtype), str(os.getpid()),
          "round" if round_too else "no-round"],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
     )
@@ -245,7 +246,7 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
     from models.fastnorm import fuse_norms
 
     fuse_norms(model)
-    weights, tuning, absmax = str(dtype).split(".")[-1], None, {}
+    weights, tuning, absmax = dtype_name(dtype), None, {}
     if device.type == "cpu":
         from models import rounding
         from models.tuning import tune_or_load

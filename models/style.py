@@ -42,6 +42,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from models.core import dtype_name
 from models.scheduler import FOREGROUND
 
 
@@ -192,7 +193,7 @@ def measured_precision() -> tuple[torch.dtype, dict[str, float]]:
             seconds[dtype] = _matmul_seconds(dtype)
         except RuntimeError:  # no kernel for it here
             seconds[dtype] = math.inf
-    return choose_precision(seconds), {str(d).split(".")[-1]: t for d, t in seconds.items()}
+    return choose_precision(seconds), {dtype_name(d): t for d, t in seconds.items()}
 
 
 def precision(config: StyleConfig) -> torch.dtype:
@@ -494,7 +495,7 @@ def train(
         for handle in hooks:
             handle.remove()
     return Trained(losses, kept if checking else len(losses), checks if checking else [], len(check_text),
-                   str(dtype).split(".")[-1])
+                   dtype_name(dtype))
 
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
