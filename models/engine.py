@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import math
 import threading
 import time
@@ -521,18 +522,21 @@ def likeliest_openings(engine: SuggestionEngine, text: str, first: int = opening
         following = kv.step(engine.model, torch.tensor([c.ids[0] for c in candidates], device=engine.device))
         following = blended(engine, following, [context + c.ids[:1] for c in candidates])
         ranked = openings.rank(candidates, following, text_of, engine.vocab.extends_latin, engine.vocab.extends_cjk, ending=engine.ending_ids)
-        rank_by_following(engine, ranked, cache, following_ids(engine, after))
+        rank_by_following(engine, ranked, cache, following_ids(engine, after), context)
     return ranked
 
 
-def rank_by_following(engine: SuggestionEngine, ranked: list[openings.Opening], cache, then: list[int]) -> None:
+def rank_by_following(engine: SuggestionEngine, ranked: list[openings.Opening], cache, then: list[int],
+                      context: list[int]) -> None:
     """Writing in the middle: score ``ranked`` by p(opening | before) p(after | before, opening),
     the second read for the likeliest openings, as spelled (one forward over them, on copies of
-    the prompt's ``cache``); those not read score 0, after those that were. No ``then``: as ranked."""
+    the prompt's ``cache``, whose last tokens are ``context``; a style's text cache blended in as
+    everywhere else); those not read score 0, after those that were. No ``then``: as ranked."""
     if not then or not ranked:
         return
     scored = [o for o in ranked if o.unit][:_FOLLOW_OPENINGS]
-    follows = follow_logprobs(engine.model, cache, [o.best.ids for o in scored], then).tolist() if scored else []
+    blend = functools.partial(blended, engine)
+    follows = follow_logprobs(engine.model, cache, [o.best.ids for o in scored], then, blend, context).tolist() if scored else []
     for opening in ranked:
         opening.score = 0.0
     for opening, value in zip(scored, follows):
@@ -584,7 +588,7 @@ def choose_openings(engine: SuggestionEngine, press: Press, logits: torch.Tensor
     candidates = [press.candidates[r] for r in numbers]
     text_of = lambda ids: engine.row_text(press.context, press.healed_text, ids)  # noqa: E731
     ranked = openings.rank(candidates, logits, text_of, engine.vocab.extends_latin, engine.vocab.extends_cjk, ending=engine.ending_ids)
-    rank_by_following(engine, ranked, press.prefix, press.then)
+    rank_by_following(engine, ranked, press.prefix, press.then, press.context)
     press.prefix = None
     avoid = {openings.unit_key(openings.unit_of(text)[0]) for text in ask.avoid}
     following = openings.unit_of(ask.after.split("\n", 1)[0])[0]

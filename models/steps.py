@@ -54,25 +54,31 @@ def decode_step(
 
 
 @torch.inference_mode()
-def follow_logprobs(model, cache: DynamicCache, heads: list[list[int]], then: list[int]) -> torch.Tensor:
+def follow_logprobs(model, cache: DynamicCache, heads: list[list[int]], then: list[int], blend=None,
+                    before: list[int] = ()) -> torch.Tensor:
     """How likely ``then`` follows each of ``heads`` (a few tokens each) after the prompt in
     ``cache`` (batch 1, left unchanged): the summed log-probabilities [len(heads)] of ``then``.
 
     One forward over len(heads) rows on copies of the prompt's cache, shorter rows padded on
     the right (a causal model's earlier positions never see the padding). Writing in the
-    middle: which opening does the text after the caret follow best?
+    middle: which opening does the text after the caret follow best? ``blend(logits, contexts)``
+    (a learned style's text cache, models/textcache.py) changes each read position's logits,
+    ``contexts`` being the tokens before it (``before``, the prompt's last ones, then the row's).
     """
     width = max(len(head) for head in heads) + len(then)
     rows = [head + list(then) for head in heads]
     ids = torch.tensor([row + [row[-1]] * (width - len(row)) for row in rows], device=cache.layers[0].keys.device)
     branch = copy.deepcopy(cache)
     branch.batch_repeat_interleave(len(heads))
-    logits = model(input_ids=ids, past_key_values=branch, use_cache=True).logits.float()
-    logp = logits[:, :-1, :].log_softmax(dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    totals = []
-    for r, head in enumerate(heads):  # then's tokens are at positions len(head) .. len(head) + len(then) - 1
-        totals.append(logp[r, len(head) - 1 : len(head) - 1 + len(then)].sum())
-    return torch.stack(totals)
+    logits = model(input_ids=ids, past_key_values=branch, use_cache=True).logits
+    # then[j] after row r is predicted at position len(head) - 1 + j: only those are read
+    at = [(r, len(head) - 1 + j) for r, head in enumerate(heads) for j in range(len(then))]
+    read = logits[[r for r, _ in at], [j for _, j in at]].float()
+    if blend is not None:
+        read = blend(read, [list(before) + rows[r][: j + 1] for r, j in at])
+    wanted = torch.tensor(list(then) * len(heads), device=read.device)
+    logp = read.log_softmax(dim=-1).gather(1, wanted[:, None]).squeeze(1)
+    return logp.view(len(heads), len(then)).sum(dim=1)
 
 
 @torch.inference_mode()

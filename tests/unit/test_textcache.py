@@ -8,6 +8,7 @@ import collections
 import math
 import random
 
+import pytest
 import torch
 
 from models import scoring
@@ -105,3 +106,31 @@ def test_the_engine_samples_from_the_blend_and_scoring_reads_it():
         assert mixed["bits_per_char"] < alone["bits_per_char"]
     finally:
         engine.text_cache = None
+
+
+def test_writing_in_the_middle_reads_the_text_after_the_caret_through_the_blend():
+    """follow_logprobs (how the text after the caret follows each opening) with a style's cache:
+    each token of it read from the mixture, its context the prompt's tokens, then the row's."""
+    from models.batching import PrefixStore
+    from models.steps import follow_logprobs, read_all
+
+    tok = build_tokenizer()
+    engine = tiny_llama_engine(tok, seed=3)
+    sentence = "The quick brown fox jumps over the lazy dog."
+    cache = TextCache(tok(" ".join([sentence] * 6), add_special_tokens=False).input_ids, engine.model.config.vocab_size, weight=0.3)
+    prompt = tok("I said it again: The quick brown", add_special_tokens=False).input_ids
+    heads = [tok(" fox", add_special_tokens=False).input_ids, [5, 9], [7]]
+    then = tok(" jumps over", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        kv, _, _ = PrefixStore(engine.model, engine.model.config, engine.cache_limit).prefill(prompt, engine.device)
+        plain = follow_logprobs(engine.model, kv, heads, then)
+        mixed = follow_logprobs(engine.model, kv, heads, then, cache.blend, prompt)
+        for head, p_value, m_value in zip(heads, plain.tolist(), mixed.tolist()):
+            ids = prompt + head + then
+            probs = torch.softmax(read_all(engine.model, torch.tensor([ids])), dim=-1)
+            start = len(prompt) + len(head)  # then[0]'s position
+            model_p = [float(probs[start + j - 1, t]) for j, t in enumerate(then)]
+            cache_q = [cache.probability(ids[: start + j], t) for j, t in enumerate(then)]
+            assert p_value == pytest.approx(sum(math.log(p) for p in model_p), abs=1e-3)
+            assert m_value == pytest.approx(sum(math.log(0.7 * p + 0.3 * q) for p, q in zip(model_p, cache_q)), abs=1e-3)
+        assert mixed[0] > plain[0]  # " fox jumps over" is the cached sentence's
