@@ -21,8 +21,10 @@ side by side:
 - next-word hit@3 (bench/quality.py's measure; Chinese: next two characters) at cut points
   in the held-out text, base and adapted engine, same cuts and seeds, with the paired
   standard error of the gain;
-- a writer's Tab presses on the base model (one every ~0.3 s, a suggestion of three rows):
-  p50/p95 with nothing else running, then while the style is being learned.
+- a writer's Tab presses on the base model (a suggestion of three rows, the next press
+  ``--gap`` seconds after each; 0.3 by default, the hardest case for the training, which steps
+  aside for every press): p50/p95 with nothing else running, then while the style is being
+  learned. A writer who reads each suggestion and types between presses leaves it more.
 
 The CPU is named (``cpu_model``, ``cpu_flags``, ``isa_env`` when emulating another kind).
 """
@@ -141,7 +143,7 @@ def pct(values: list[float], q: float) -> float | None:
     return None if found is None else round(found, 1)
 
 
-def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_presses: int, log) -> dict:
+def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_presses: int, gap_s: float, log) -> dict:
     from models import style
     from models.settings import Settings
 
@@ -153,7 +155,7 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
 
     # Tab presses with nothing else running.
     count = [0]
-    calm = presses(base, text, lambda: (count.__setitem__(0, count[0] + 1) or count[0] > calm_presses))
+    calm = presses(base, text, lambda: (count.__setitem__(0, count[0] + 1) or count[0] > calm_presses), gap_s)
 
     # The job, as the page runs it, with a writer pressing Tab meanwhile.
     reset_peak_rss()
@@ -171,7 +173,7 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
     job = threading.Thread(target=learn, name="bench-style")
     peaks = MemoryPeaks()
     job.start()
-    busy = presses(base, text, done.is_set)
+    busy = presses(base, text, done.is_set, gap_s)
     job.join()
     peaks.stop()
     answer = box["answer"]
@@ -217,6 +219,7 @@ def run_language(service, language: str, n_cuts: int, seeds: list[int], calm_pre
         "peak_rss_mb_while_learning": round(peak),
         "peak_rss_anon_mb_while_learning": round(peaks.anon),
         "peak_rss_file_mb_while_learning": round(peaks.file),
+        "tab_gap_s": gap_s,
         "tab_ms_calm": {"p50": pct(calm, 0.5), "p95": pct(calm, 0.95), "n": len(calm)},
         "tab_ms_while_learning": {"p50": pct(busy, 0.5), "p95": pct(busy, 0.95), "n": len(busy)},
         "examples": answer["examples"],
@@ -235,8 +238,11 @@ def main() -> None:
     # Closer to the count of presses timed while a style is learned (200-330): the p95 of 30 presses
     # is set by their two slowest.
     parser.add_argument("--calm-presses", type=int, default=150, help="Tab presses timed with nothing else running")
+    parser.add_argument("--gap", type=float, default=0.3, help="seconds between a suggestion and the next Tab press")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     args = parser.parse_args()
+    if not 0 <= args.gap <= 60:
+        parser.error("--gap: 0 to 60 seconds")
 
     from bench.latency import as_the_app_runs, cpu_description
     from editor.service import SuggestService
@@ -253,7 +259,7 @@ def main() -> None:
         out = {}
         for language in languages:
             command = [sys.executable, "-m", "bench.personalize", "--json", "--languages", language, "--cuts", str(args.cuts),
-                       "--seeds", str(args.seeds), "--calm-presses", str(args.calm_presses)]
+                       "--seeds", str(args.seeds), "--calm-presses", str(args.calm_presses), "--gap", str(args.gap)]
             one = json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)
             out = {**one, **{k: v for k, v in out.items() if k in languages}}
         print(json.dumps(out, ensure_ascii=False, indent=None if args.json else 1))
@@ -265,7 +271,7 @@ def main() -> None:
         out = {"model": DEFAULT_MODEL, **cpu_description(), "engine_kernels": engine.describe()}
         # The main thread serves the base model's presses, as in app.py; the bench runs beside it.
         out.update(as_the_app_runs(engine, lambda: {
-            language: run_language(service, language, args.cuts, list(range(args.seeds)), args.calm_presses, log)
+            language: run_language(service, language, args.cuts, list(range(args.seeds)), args.calm_presses, args.gap, log)
             for language in languages
         }))
     print(json.dumps(out, ensure_ascii=False, indent=None if args.json else 1))
