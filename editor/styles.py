@@ -310,13 +310,15 @@ class Styles:
             return None
 
         def scored(engine, text: str) -> dict:
-            """``text`` read by ``engine`` (scoring's answer), unless the job is to stop."""
+            """``text`` read by ``engine`` (scoring's answer), unless the job is to stop: asked
+            before each window and each chunk of the output layer, as for a visitor gone away,
+            so a cancel takes effect within a window, not after the whole read."""
             why = should_stop()
             if why:
                 raise StyleError(why)
-            answer = scoring.score_local(engine, text, alternatives=0)
+            answer = scoring.score_local(engine, text, alternatives=0, caller_gone=lambda: should_stop() is not None)
             if "error" in answer:
-                raise StyleError(answer["error"])
+                raise StyleError(should_stop() or answer["error"])
             return answer
 
         def bits(engine) -> float:

@@ -386,6 +386,24 @@ def test_learn_end_to_end_and_prefix_caches_apart(tok, folder, tmp_path):
     assert styles.store.mine("someone-else-entirely-000") == []
 
 
+def test_cancel_stops_the_jobs_reading_of_a_text_not_after_it(tok, folder, tmp_path):
+    """The job's scoring (the held-out text, before and after; the cache's weight) asks whether to
+    stop before each window and chunk: a caller who leaves once the first read has begun ends the
+    job there, before the model is prepared for training."""
+    base = base_engine(tok, folder)
+    asked = []
+
+    def gone() -> bool:  # the first question is the job's own, before the read begins
+        asked.append(1)
+        return len(asked) > 1
+
+    seen = []
+    answer = Styles(lambda name: base, tmp_path, config=CONFIG).learn(
+        "\n".join(CORPUS[:4] * 12), "mine", "tiny", caller_gone=gone, on_progress=seen.append)
+    assert answer == {"error": "Cancelled: the caller went away."}
+    assert [p.stage for p in seen] == ["measuring the base model on your held-out text"]
+
+
 def test_learn_refuses_with_one_line(tok, folder, tmp_path):
     base = base_engine(tok, folder)
     styles = Styles(lambda name: base, tmp_path)
