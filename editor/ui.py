@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _style_report(answer: dict) -> str:
     before, after = answer["bits_per_char_before"], answer["bits_per_char_after"]
     change = (after / before - 1) * 100 if before else 0.0
     lines = [
-        f"✅ **{answer['model'].rpartition('@')[0]}** is ready ({answer['seconds']:.0f} s) and selected above.",
+        f"✅ **{literal(answer['model'].rpartition('@')[0])}** is ready ({answer['seconds']:.0f} s) and selected above.",
         f"On your last {answer['heldout_chars']:,} characters, which it never saw: **{before:.3f} → {after:.3f} bits per "
         f"character** ({change:+.1f} %; perplexity per character {answer['perplexity_per_char_before']:.2f} → "
         f"{answer['perplexity_per_char_after']:.2f}).",
@@ -132,10 +133,20 @@ def _style_report(answer: dict) -> str:
                      f"{weight:.0%} of each guess comes from counts of it, as the training text's end read best.")
     if answer.get("examples"):
         lines += ["", "| your text | you wrote | base model | your style |", "|---|---|---|---|"]
-        cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
+        cell = lambda t: literal(" ".join(str(t).split())[:80])  # noqa: E731
         for e in answer["examples"]:
-            lines.append(f"| …{cell(e['text'][-40:])} | {cell(e['actual'])} | {cell(e['base'])} | {cell(e['style'])} |")
+            lines.append(f"| …{literal(' '.join(e['text'].split())[-40:])} | {cell(e['actual'])} | {cell(e['base'])} | {cell(e['style'])} |")
     return "\n".join(lines)
+
+
+_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def literal(text: str) -> str:
+    """``text`` as Markdown that shows it as written: every ASCII punctuation mark escaped with a
+    backslash (CommonMark lets each be), so a writer's ``*``, ``_``, ``#``, ``[..](..)``, ``<b>``
+    or ``|`` shows as typed instead of becoming emphasis, a heading, a link, markup or a cell."""
+    return _PUNCTUATION.sub(r"\\\1", text)
 
 
 def _or_raise(answer: dict) -> dict:

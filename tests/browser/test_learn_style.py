@@ -79,3 +79,32 @@ def _wait_for_model_box(page, condition: str, timeout_ms: int = 180_000):
             f"model box shows {shown!r} (focused: {focused}); settings: {page.inner_text('#settings-status')!r}; "
             f"style: {page.inner_text('#style-status')[:300]!r}"
         ) from None
+
+
+def test_the_style_report_shows_the_writers_text_as_written(browser):
+    """The report is Markdown, and its examples are the writer's own text and the models' words:
+    Gradio's page must show them as typed, not as emphasis, headings, links, markup or extra cells."""
+    import gradio as gr
+
+    from editor.ui import _style_report
+
+    odd = ["*not bold* _nor this_ # no heading", "[a link](javascript:alert(1)) <b>bold?</b>", "a|b \\ `code` 1. ~x~", "贾宝玉道：「*好*」"]
+    answer = {"model": "gemma-3-270m+my_own_style@abcdefghijklmnop", "seconds": 12.0, "heldout_chars": 2000,
+              "bits_per_char_before": 1.2, "bits_per_char_after": 1.1, "perplexity_per_char_before": 2.3,
+              "perplexity_per_char_after": 2.14,
+              "examples": [{"text": odd[0], "actual": odd[1], "base": odd[2], "style": odd[3]}]}
+    with gr.Blocks() as demo:
+        gr.Markdown(_style_report(answer), elem_id="report")
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(demo.local_url)
+        page.wait_for_selector("#report table", timeout=60_000)
+        cells = page.locator("#report td").all_inner_texts()
+        assert cells == ["…" + odd[0], odd[1], odd[2], odd[3]], cells
+        assert page.locator("#report td a, #report td b, #report td em, #report td code, #report h1").count() == 0
+        assert "gemma-3-270m+my_own_style is ready" in page.inner_text("#report")
+    finally:
+        context.close()
+        demo.close()
