@@ -286,7 +286,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
         except (ModelNotFound, ModelLoadError) as e:
             current = service.session(_session_of(request)).model
             service.update_settings(_session_of(request), current, raw)
-            return f"⚠️ {e}. Still using **{current}**."
+            return f"⚠️ {literal(str(e))}. Still using **{literal(current)}**."
         settings, notes = service.update_settings(_session_of(request), model, raw)
         text = (
             f"Model **{engine.name}** ready ({engine.describe()}). Temperature {settings.temperature:g} · top-k {settings.top_k}"
@@ -385,7 +385,7 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
                 service.styles.cancel(session)
         answer = box.get("answer") or {"error": "Stopped."}
         if "error" in answer:
-            yield f"⚠️ {answer['error']}", gr.update(), gr.update()
+            yield f"⚠️ {literal(answer['error'])}", gr.update(), gr.update()
             return
         key = answer["owner_key"]
         yield _style_report(answer), gr.update(choices=model_choices + style_choices(key), value=answer["model"]), key
@@ -396,8 +396,8 @@ def build_demo(service: SuggestService, store: DocumentStore | None = None) -> g
     def delete_selected(current, owner_key):
         answer = service.delete_style(current, owner_key)
         if "error" in answer:
-            return f"⚠️ {answer['error']}", gr.update()
-        return f"Deleted **{current.rpartition('@')[0]}**.", gr.update(
+            return f"⚠️ {literal(answer['error'])}", gr.update()
+        return f"Deleted **{literal(current.rpartition('@')[0])}**.", gr.update(
             choices=model_choices + style_choices(owner_key), value=service.default_model)
 
     def _style_text(pasted, files, editor_text, doc_ids) -> str:
