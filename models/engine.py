@@ -658,7 +658,7 @@ def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: lis
     for k, token in enumerate(forced):
         if token is not None:
             chosen[k] = token
-            chosen_logp[k] = float(logits[k].float()[token] - torch.logsumexp(logits[k].float(), dim=-1))
+            chosen_logp[k] = float(torch.log_softmax(logits[k].float(), dim=-1)[token])
     finished_now = False
     for k, r in enumerate(numbers):
         row = press.rows[r]
