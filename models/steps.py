@@ -142,7 +142,9 @@ def sample(
     choice = torch.multinomial(probs, 1, generator=generator)
     tokens = top_idx.gather(-1, choice).squeeze(-1)
     # log_softmax's one fused pass, not the token's logit less logsumexp: for Gemma's 262,144
-    # logits 0.12-0.24 against 0.23-0.64 ms for 1-3 rows (EPYC), once a step; the same to ~1e-5 nats.
+    # logits 0.12-0.24 against 0.23-0.64 ms for 1-3 rows (EPYC), once a step; capped to AVX2
+    # 0.17 against 0.14-0.16 at 1 row, 0.18 against 0.24-0.30 at 2, about even at 3. The same
+    # to ~3e-5 nats.
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
 
