@@ -52,7 +52,7 @@ from models.core import (  # noqa: F401  (EngineError, Suggestion, SuggestResult
 from models.loading import LoadedModel
 from models.scheduler import Scheduler
 from models.settings import Settings
-from models.steps import follow_logprobs, forbid_unlikely_stop, sample
+from models.steps import follow_logprobs, forbid_unlikely_stop, logprobs_of, sample
 from models.textcache import TextCache
 
 # How many prompt tokens are decoded alongside a continuation to turn it into text
@@ -658,7 +658,7 @@ def sample_rows(engine: SuggestionEngine, press: Press, batch: Batch, index: lis
     for k, token in enumerate(forced):
         if token is not None:
             chosen[k] = token
-            chosen_logp[k] = float(torch.log_softmax(logits[k].float(), dim=-1)[token])
+            chosen_logp[k] = float(logprobs_of(logits[k : k + 1], torch.tensor([token], device=logits.device)))
     finished_now = False
     for k, r in enumerate(numbers):
         row = press.rows[r]

@@ -77,8 +77,7 @@ def follow_logprobs(model, cache: DynamicCache, heads: list[list[int]], then: li
     if blend is not None:
         read = blend(read, [list(before) + rows[r][: j + 1] for r, j in at])
     wanted = torch.tensor(list(then) * len(heads), device=read.device)
-    logp = read.log_softmax(dim=-1).gather(1, wanted[:, None]).squeeze(1)
-    return logp.view(len(heads), len(then)).sum(dim=1)
+    return logprobs_of(read, wanted).view(len(heads), len(then)).sum(dim=1)
 
 
 @torch.inference_mode()
@@ -141,12 +140,17 @@ def sample(
     top_idx, probs = sampling_distribution(logits, temperature, top_k, top_p)
     choice = torch.multinomial(probs, 1, generator=generator)
     tokens = top_idx.gather(-1, choice).squeeze(-1)
-    # log_softmax's one fused pass, not the token's logit less logsumexp: for Gemma's 262,144
-    # logits 0.12-0.24 against 0.23-0.64 ms for 1-3 rows (EPYC), once a step; capped to AVX2
-    # 0.17 against 0.14-0.16 at 1 row, 0.18 against 0.24-0.30 at 2, about even at 3. The same
-    # to ~3e-5 nats.
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+    return tokens, logprobs_of(logits, tokens)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(``tokens`` [B]) under ``logits`` [B, V] (untempered): each row's log-probability of its token.
+
+    log_softmax's one fused pass, not the token's logit less logsumexp: for Gemma's 262,144
+    logits 0.12-0.24 against 0.23-0.64 ms for 1-3 rows (EPYC), once a step; capped to AVX2
+    0.17 against 0.14-0.16 at 1 row, 0.18 against 0.24-0.30 at 2, about even at 3. The same
+    to ~3e-5 nats."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def total_variation(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], vocab: int) -> torch.Tensor:
