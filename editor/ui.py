@@ -133,9 +133,11 @@ def _style_report(answer: dict) -> str:
                      f"{weight:.0%} of each guess comes from counts of it, as the training text's end read best.")
     if answer.get("examples"):
         lines += ["", "| your text | you wrote | base model | your style |", "|---|---|---|---|"]
-        cell = lambda t: literal(" ".join(str(t).split())[:80])  # noqa: E731
+        # one line each, cut before escaping (a cut never halves an escape): the writer's text's
+        # last 40 characters, the rest's first 80
+        cell = lambda t, cut=slice(80): literal(" ".join(str(t).split())[cut])  # noqa: E731
         for e in answer["examples"]:
-            lines.append(f"| …{literal(' '.join(e['text'].split())[-40:])} | {cell(e['actual'])} | {cell(e['base'])} | {cell(e['style'])} |")
+            lines.append(f"| …{cell(e['text'], slice(-40, None))} | {cell(e['actual'])} | {cell(e['base'])} | {cell(e['style'])} |")
     return "\n".join(lines)
 
 
