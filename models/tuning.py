@@ -440,6 +440,24 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
             # time scaled up is the whole layer's (else its fixed part is counted 1/share times).
             prepared[0].candidates = max(1, round(prepared[0].candidates / scale))
         sample = probe.inputs[group.key]
+        # One call of the first layer at the row counts it would be timed at, before it is made
+        # for the rest of its group and timed: a way far slower than the best so far is not timed
+        # there (its one call's time, scaled to the group, stands), and where that leaves nothing
+        # to time, not made for the rest either. It is still checked: it may be the way taken
+        # when faster, looser ones are left out (_settle). Only where one call is long enough to
+        # tell: the output layer, and prompts' rows. On an AVX2-only Zen 3, int8-smooth's
+        # `_int_mm` took 30-60x fp16's time at 128 rows and emulated bf16 5x int8-screen's on the
+        # output layer: making and timing them was ~2 s of a 13-17 s first start.
+        early = {"few": TIMED_FEW, "batch": TIMED_BATCH} if group.single else {} if kernel.few_rows_only else {"many": TIMED_MANY}
+        slow = {}
+        for regime, n in early.items():
+            if regime in best:
+                started = time.perf_counter()
+                kernel.run(_rows(sample, n), prepared[0])
+                estimate = 1e3 * (time.perf_counter() - started) * scale * len(weights)
+                if estimate > 2 * GIVE_UP * best[regime]:
+                    slow[regime] = estimate
+        found.few_ms, found.batch_ms, found.many_ms = slow.get("few"), slow.get("batch"), slow.get("many")
         out = kernel.run(sample, prepared[0])
         if kernel.output_only:  # checked where it is exact: the logits suggestions are drawn from
             checked = min(SCREENED, max(1, getattr(prepared[0], "candidates", 4 * SCREENED) // 4), reference.shape[-1])
@@ -454,6 +472,8 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
         if (group.single or kernel.few_rows_only) and not for_few:
             found.refused = f"output differs from fp32 by {found.error:.1e} (limit for decode steps {few_limit:g})"
             return found, None
+        if slow and set(slow) == set(early) and (group.single or kernel.many_rows_only):
+            return found, None  # no row count left where it could win (apply() makes it whole if it is taken)
         prepared += [kernel.make(w, probe.absmax.get(id(layer)), round_of(layer))
                      for w, layer in zip(weights[len(prepared) :], layers[len(prepared) :])]
 
@@ -466,11 +486,11 @@ def measure(group: Group, kernel: Kernel, probe: Probe, reference: torch.Tensor,
 
         if for_few and paired is not None:  # timed side by side above: the same bytes, rounded otherwise
             found.few_ms = rival[0].few_ms * paired
-        elif for_few:
+        elif for_few and "few" not in slow:
             found.few_ms = timed(TIMED_FEW, "few")
-        if group.single:
+        if group.single and "batch" not in slow:
             found.batch_ms = timed(TIMED_BATCH, "batch")
-        elif not kernel.few_rows_only:
+        elif not group.single and not kernel.few_rows_only and "many" not in slow:
             found.many_ms = timed(TIMED_MANY, "many")
 
     except Exception as e:  # noqa: BLE001 - a way this CPU cannot run (oneDNN bf16 under AVX2, ...)

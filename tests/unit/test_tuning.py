@@ -271,3 +271,31 @@ def test_one_shape_changes_come_loosest_first_and_within_the_weights_budget(monk
     # Prompts in fp32 beside fp16 decoding hold more than int8 prompts do: no room for that.
     monkeypatch.setattr(tuning, "WEIGHTS_BUDGET_MB", tuning.weight_mb(groups, choice))
     assert all("(prompts)" not in what for _, _, what in tuning.shape_swaps(groups, measured, choice))
+
+
+def test_a_way_far_slower_on_one_call_is_checked_but_neither_made_whole_nor_timed(fakes):
+    # A way for prompts only whose one call takes many times the best so far (int8-smooth's
+    # `_int_mm` on an AVX2-only CPU: 30-60x fp16): one layer of each shape is made and checked,
+    # and its time is that one call's, scaled to the group.
+    made, calls = [], []
+
+    def prepare(w, a=None):
+        made.append(tuple(w.shape))
+        return w.detach().clone()
+
+    def run(x, w):
+        calls.append(x.shape[0])
+        return _slow(x, w)
+
+    slow = Kernel("slow-prompts", 4, 4, prepare, run, many_rows_only=True)
+    names = fakes(slow)
+    model, tok = tiny_model()
+    t = tuning.tune(model, tok, kernels=["fp32"] + names, say=lambda m: None)
+    assert chosen(t) == {"fp32"}, json.dumps(t.choice)
+    found = [m for f in t.measured.values() for m in f if m["kernel"] == "slow-prompts"]
+    shapes = [key for key in t.measured if not key.endswith("-output")]  # the output layer: refused, prompts only
+    timed = [m for m in found if not m["refused"]]
+    assert len(timed) == len(shapes)
+    assert all(m["error"] is not None and m["error"] < 1e-5 and m["many_ms"] > 1.0 for m in timed)  # checked; the one call's time
+    assert len(made) == len(shapes)  # one layer of each shape, not the rest of its group
+    assert calls.count(tuning.TIMED_MANY) == len(shapes)  # one call at a prompt's rows, then no timing
