@@ -203,6 +203,23 @@ def test_a_smaller_format_is_taken_where_the_weights_would_not_fit(monkeypatch):
     assert "int8-weight" in {c["few"] for c in fitted.values()}
 
 
+def test_prompts_take_the_decode_steps_way_where_it_is_as_fast_and_hold_no_second_copy():
+    model, _ = tiny_model()
+    groups = tuning.linear_groups(model)
+    # fp32 is the more precise and within SPEED_TIE for prompts; fp16 is the faster for decode steps.
+    measured = {g.key: [tuning.Measured("fp32", few_ms=2.0, many_ms=10.0, batch_ms=2.0 if g.single else None),
+                        tuning.Measured("fp16-fbgemm", few_ms=1.0, many_ms=10.5, batch_ms=1.0 if g.single else None)]
+                for g in groups}
+    assert tuning.choose(measured[groups[0].key], "many") == "fp32"  # alone, the tie goes to the more precise
+    choice = tuning.choice_without(groups, measured, set())
+    assert all(c == {"few": "fp16-fbgemm", "many": "fp16-fbgemm"} for c in choice.values()), choice
+    # Clearly faster for prompts (beyond SPEED_TIE), the other way is still taken.
+    for g in groups:
+        measured[g.key][0].many_ms = 5.0
+    choice = tuning.choice_without(groups, measured, set())
+    assert all(c["many"] == ("fp16-fbgemm" if key.endswith("-output") else "fp32") for key, c in choice.items()), choice
+
+
 SCRIPT = """
 import json
 from tests.unit.test_tuning import tune_with_the_real_ways
