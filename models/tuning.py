@@ -664,13 +664,11 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
             if prepared is not None:  # None also when only a slice was made: apply() makes the winner whole
                 kept[(group.key, name)] = prepared
             # Keep only the weights of ways that may still win: memory stays bounded.
-            regimes = ("few",) if group.single else ("few", "many")
-            leaders = {choose(found, r) for r in regimes}
+            leaders = set(group_ways(group, found).values())
             for key in [k for k in kept if k[0] == group.key and k[1] not in leaders]:
                 del kept[key]
         measured[group.key] = found
-        few = choose(found, "few")
-        choice[group.key] = {"few": few, "many": few if group.single else choose(found, "many", prefer=few)}
+        choice[group.key] = group_ways(group, found)
         # (The weights budget is applied once every group is measured, below.)
         times = ", ".join(
             f"{m.kernel} " + "/".join(f"{t:.1f}" if t is not None else "-" for t in ((m.cost("few"),) if group.single else (m.cost("few"), m.many_ms)))
@@ -693,11 +691,15 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
 
 def choice_without(groups: list[Group], measured: dict[str, list[Measured]], excluded: set[str]) -> dict[str, dict[str, str]]:
     """The fastest choice (see choose) among the ways not in ``excluded``, within WEIGHTS_BUDGET_MB."""
-    choice = {}
-    for group in groups:
-        few = choose(measured[group.key], "few", excluded)
-        choice[group.key] = {"few": few, "many": few if group.single else choose(measured[group.key], "many", excluded, prefer=few)}
+    choice = {group.key: group_ways(group, measured[group.key], excluded) for group in groups}
     return within_budget(groups, measured, choice, excluded)
+
+
+def group_ways(group: Group, found: list[Measured], excluded: set[str] = frozenset()) -> dict[str, str]:
+    """A shape's ways: the fastest for decode steps, and for prompts the fastest with a tie going
+    to the decode steps' way (see choose); the output layer runs one way for both."""
+    few = choose(found, "few", excluded)
+    return {"few": few, "many": few if group.single else choose(found, "many", excluded, prefer=few)}
 
 
 def unrounded(tuning: "Tuning") -> dict[str, dict[str, str]]:
