@@ -72,6 +72,11 @@ def _gguf_cache_dir(gguf_path: str, dtype: torch.dtype = CONVERTED_DTYPE) -> Pat
     return cache_root() / f"{Path(gguf_path).stem}-{dtype_name(dtype)}-{key}"
 
 
+def _tuning_folder() -> Path:
+    """Where each machine's choice of formats (models/tuning.py) and each model's probe read are kept."""
+    return cache_root() / "tuning"
+
+
 def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype, round_too: bool = False) -> None:
     """Dequantise a GGUF file once and save it as a transformers folder (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,6 +121,16 @@ def _convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype, round_too: b
         rounding.save(rounding.round_model(model.eval(), tokenizer), target.name)
     except Exception as e:  # noqa: BLE001 - made at the first start that needs them instead
         print(f"[tabwrite] int8 rounding left for later: {type(e).__name__}", file=sys.stderr, flush=True)
+    # So is the model's read of the probe text in fp32, which every machine's choice of formats
+    # checks them against (models/tuning.py: ~3 s of a first start's ~10 s choice).
+    try:
+        from models import tuning
+
+        started = time.time()
+        tuning.save_probe(tuning.read_probe(model.eval(), tokenizer), model, tuning.probe_path(_tuning_folder(), target.name))
+        print(f"[tabwrite] read the probe text in fp32 for the choice of formats ({time.time() - started:.1f} s)", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - read at the first choice instead
+        print(f"[tabwrite] probe text left for later: {type(e).__name__}", file=sys.stderr, flush=True)
 
 
 # The conversion runs in a process of its own. In this process it starved the presses on a
@@ -256,7 +271,7 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
         def round_body() -> dict:
             return rounding.by_layer(model, rounding.load_or_make(model, tokenizer, model_key))
 
-        tuning = tune_or_load(model, tokenizer, cache_root() / "tuning", model_key, rounding=round_body)
+        tuning = tune_or_load(model, tokenizer, _tuning_folder(), model_key, rounding=round_body)
         weights = tuning.describe()
         # By name, so a model with the same body (a learned style) is made the same way.
         absmax = {n: tuning.absmax[id(m)] for n, m in linears.items() if id(m) in tuning.absmax}

@@ -276,6 +276,84 @@ def _drawn(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sampling_distribution(logits, defaults.temperature, defaults.top_k, defaults.top_p)
 
 
+def read_probe(model: nn.Module, tokenizer, exact: list[str] | None = None, kept: dict | None = None) -> Probe:
+    """The model, still fp32, reading the probe texts (run_probe) through an exact way that is
+    fast here (run_exactly; ``exact``: the names to try). ``kept``: where the prepared weights
+    of that way are left, for the tuning to time (else they are dropped)."""
+    groups = linear_groups(model)
+    run_exactly(groups, exact, kept, single_default=True)
+    try:
+        return run_probe(model, tokenizer, groups, probe_texts())
+    finally:
+        restore(groups)
+
+
+# The probe's fp32 read is the model's, not the machine's: made once per model (at the GGUF's
+# conversion, beside GPTQ's rounding: models/loading.py), saved, and read by every machine's
+# choice after. It was ~3 s of a first start's choice (AMD EPYC, 2 cores: 3.4 of 10.8 s; an
+# AVX2-only Zen 3: 2.6-3.6 of 13-16 s), which is to cost at most 10 s.
+PROBE_VERSION = 1
+
+
+def probe_path(folder: Path, model_key: str) -> Path:
+    """Where ``model_key``'s probe read is kept: named by what it depends on besides the model."""
+    defaults = Settings()
+    depends = [PROBE_VERSION, probe_texts(), CHECK_ROWS, defaults.temperature, defaults.top_k, defaults.top_p]
+    return folder / f"{model_key}-probe-{_digest(depends)}.pt"
+
+
+def _named_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+
+
+def save_probe(probe: Probe, model: nn.Module, path: Path) -> None:
+    """``probe`` on disk, its layers by name (so another process's model of the same weights finds them)."""
+    named = {id(m): n for n, m in _named_linears(model).items()}
+    data = {"ids": probe.ids, "reference": probe.reference, "drawn": [list(d) for d in probe.drawn],
+            "absmax": {named[k]: v for k, v in probe.absmax.items() if k in named}, "inputs": probe.inputs}
+    partial = path.with_name(path.name + f".partial-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, partial)
+        os.replace(partial, path)  # atomic: a half-written file is never read
+    except OSError:  # a read-only cache: read again at the next first start
+        partial.unlink(missing_ok=True)
+
+
+def load_probe(model: nn.Module, tokenizer, path: Path) -> Probe | None:
+    """The probe read saved at ``path``, if it is this model's: the same tokens, a range for every
+    Linear layer of its size, inputs for every shape. None otherwise (or where unreadable)."""
+    try:
+        data = torch.load(path, weights_only=True)
+        ids = [tokenizer(t, return_tensors="pt").input_ids for t in probe_texts()]
+        if len(ids) != len(data["ids"]) or not all(torch.equal(a, b) for a, b in zip(ids, data["ids"])):
+            return None
+        linears = _named_linears(model)
+        if set(linears) != set(data["absmax"]) or any(data["absmax"][n].shape != (m.in_features,) for n, m in linears.items()):
+            return None
+        groups = linear_groups(model)
+        if any(data["inputs"].get(g.key) is None or data["inputs"][g.key].shape[-1] != g.layers[0][2].in_features for g in groups):
+            return None
+        absmax = {id(m): data["absmax"][n] for n, m in linears.items()}
+        return Probe(ids, data["reference"], [tuple(d) for d in data["drawn"]], absmax, data["inputs"])
+    except Exception:  # noqa: BLE001 - missing, damaged or another model's: read again
+        return None
+
+
+def load_or_read_probe(model: nn.Module, tokenizer, folder: Path, model_key: str,
+                       say: Callable[[str], None] = lambda m: None) -> Probe:
+    """The model's probe read: from ``folder`` if made before (by this model's conversion or an
+    earlier choice on any machine), else read now and saved."""
+    path = probe_path(folder, model_key)
+    probe = load_probe(model, tokenizer, path) if path.is_file() else None
+    if probe is None:
+        started = time.perf_counter()
+        probe = read_probe(model, tokenizer)
+        save_probe(probe, model, path)
+        say(f"  read the probe text in fp32 in {time.perf_counter() - started:.1f} s (once per model)")
+    return probe
+
+
 # ---------------------------------------------------------------- measuring the ways
 
 
@@ -625,9 +703,10 @@ def _passes(check: dict) -> bool:
 
 @torch.inference_mode()
 def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Callable[[str], None] = _say,
-         rounded: Rounded | None = None) -> Tuning:
+         rounded: Rounded | None = None, probe: Callable[[], Probe] | None = None) -> Tuning:
     """Measure, choose, check, and leave ``model`` running the choice. ``kernels``: the names to try;
-    ``rounded``: each layer's GPTQ int8 weight (models/rounding.py), for the ways that take one."""
+    ``rounded``: each layer's GPTQ int8 weight (models/rounding.py), for the ways that take one;
+    ``probe``: gives the model's fp32 read of the probe text (load_or_read_probe); else it is read here."""
     started = time.perf_counter()
     groups = linear_groups(model)
     names = kernels or [k for k in ORDER if k in KERNELS] + [k for k in KERNELS if k not in ORDER]
@@ -636,9 +715,8 @@ def tune(model: nn.Module, tokenizer, kernels: list[str] | None = None, say: Cal
     say(f"choosing how to run {sum(len(g.layers) for g in groups)} matmuls on this CPU ({_cpuinfo()[0]}); "
         f"once per machine, about 10 s")
     kept: dict[tuple[str, str], list] = {}
-    run_exactly(groups, [k for k in names if KERNELS[k].precision == 0], kept, single_default=True)
-    probe = run_probe(model, tokenizer, groups, probe_texts())
-    restore(groups)
+    # (Read here, the exact way's prepared weights are kept for timing; loaded, it is timed as the others.)
+    probe = probe() if probe is not None else read_probe(model, tokenizer, [k for k in names if KERNELS[k].precision == 0], kept)
     measured: dict[str, list[Measured]] = {}
     choice: dict[str, dict[str, str]] = {}
     for n, group in enumerate(groups):
@@ -892,7 +970,7 @@ def _tune_or_load(model: nn.Module, tokenizer, folder: Path, model_key: str, say
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError):
         pass
     layers = [layer for g in groups for _, _, layer in g.layers]
-    tuning = tune(model, tokenizer, say=say, rounded=_rounded(rounding))
+    tuning = tune(model, tokenizer, say=say, rounded=_rounded(rounding), probe=lambda: load_or_read_probe(model, tokenizer, folder, model_key, say))
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     torch.save([tuning.absmax.get(id(layer), torch.zeros(layer.in_features)) for layer in layers], stats_path)

@@ -45,6 +45,8 @@ def check_suggestions(result, n=3):
 def test_default_model_is_cached_on_disk_and_in_process(engine):
     cached = [p for p in loading.cache_root().glob("gemma-3-270m*") if (p / "config.json").is_file()]
     assert cached, "the converted model should be cached on disk"
+    # ... and its fp32 read of the probe text, which every machine's choice of formats checks against.
+    assert list((loading.cache_root() / "tuning").glob(f"{cached[0].name}-probe-*.pt")), "the probe read should be kept"
     started = time.perf_counter()
     again = loading.load(DEFAULT_MODEL)
     assert again is engine.loaded

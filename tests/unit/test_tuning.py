@@ -180,6 +180,56 @@ def test_the_choice_is_remembered_for_this_machine_and_made_again_on_another(tmp
     assert len(runs) == 2 and len(list(tmp_path.glob("tiny-*.json"))) == 2
 
 
+def test_the_probe_read_is_the_models_made_once_and_taken_by_every_machines_choice(tmp_path, monkeypatch, tok):
+    reads: list[int] = []
+    real_read = tuning.read_probe
+
+    def counting(*args, **kwargs):
+        reads.append(1)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "read_probe", counting)
+    model, _ = tiny_model()
+    first = tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None)
+    saved = tuning.probe_path(tmp_path, "tiny")
+    assert reads == [1] and saved.is_file()
+    first_ranges = {n: first.absmax[id(m)] for n, m in model.named_modules() if id(m) in first.absmax}
+    # Another CPU measures again, on the probe read the model made before: nothing read in fp32.
+    other = dict(tuning.cpu_fingerprint(), flags=["sse4_2"])
+    monkeypatch.setattr(tuning, "cpu_fingerprint", lambda: other)
+    again, _ = tiny_model()
+    second = tuning.tune_or_load(again, tok, tmp_path, "tiny", say=lambda m: None)
+    assert reads == [1] and len(list(tmp_path.glob("tiny-*.json"))) == 2
+    second_ranges = {n: second.absmax[id(m)] for n, m in again.named_modules() if id(m) in second.absmax}
+    assert first_ranges.keys() == second_ranges.keys() and all(torch.equal(first_ranges[n], second_ranges[n]) for n in first_ranges)
+
+
+def test_a_saved_probe_read_is_the_same_read_and_only_its_own_models(tmp_path, tok):
+    model, _ = tiny_model()
+    read = tuning.read_probe(model, tok)
+    path = tmp_path / "p.pt"
+    tuning.save_probe(read, model, path)
+    same, _ = tiny_model()  # the same weights in another model object (another process's)
+    loaded = tuning.load_probe(same, tok, path)
+    assert loaded is not None
+    assert all(torch.equal(a, b) for a, b in zip(read.reference, loaded.reference))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(read.drawn, loaded.drawn))
+    assert read.inputs.keys() == loaded.inputs.keys() and all(torch.equal(read.inputs[k], loaded.inputs[k]) for k in read.inputs)
+    names = {id(m): n for n, m in model.named_modules()}
+    by_name = {names[k]: v for k, v in read.absmax.items()}
+    assert {n: loaded.absmax[id(m)] for n, m in same.named_modules() if id(m) in loaded.absmax}.keys() == by_name.keys()
+    # Another model's shapes, or a damaged file: not taken (read again by load_or_read_probe).
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    assert tuning.load_probe(transformers.LlamaForCausalLM(config).eval(), tok, path) is None
+    path.write_bytes(b"damaged")
+    assert tuning.load_probe(same, tok, path) is None
+    # The tuning's own read of the same model checks the same numbers as the saved one.
+    made = tuning.load_or_read_probe(same, tok, tmp_path, "other-key")
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(read.reference, made.reference))
+
+
 def test_the_fingerprint_names_the_cpu_the_torch_and_what_caps_the_isa(monkeypatch):
     plain = tuning.cpu_fingerprint()
     assert plain["cpu"] and plain["torch"] == torch.__version__ and plain["tuner"] == tuning.TUNING_VERSION
