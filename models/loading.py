@@ -264,9 +264,9 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
     weights, tuning, absmax = dtype_name(dtype), None, {}
     if device.type == "cpu":
         from models import rounding
-        from models.tuning import tune_or_load
+        from models.tuning import named_linears, tune_or_load
 
-        linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}  # kept alive: ids stay theirs
+        linears = named_linears(model)  # kept alive: ids stay theirs
 
         def round_body() -> dict:
             return rounding.by_layer(model, rounding.load_or_make(model, tokenizer, model_key))

@@ -302,13 +302,14 @@ def probe_path(folder: Path, model_key: str) -> Path:
     return folder / f"{model_key}-probe-{_digest(depends)}.pt"
 
 
-def _named_linears(model: nn.Module) -> dict[str, nn.Linear]:
+def named_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The model's Linear layers by module name (the names are the same in every process)."""
     return {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
 
 
 def save_probe(probe: Probe, model: nn.Module, path: Path) -> None:
     """``probe`` on disk, its layers by name (so another process's model of the same weights finds them)."""
-    named = {id(m): n for n, m in _named_linears(model).items()}
+    named = {id(m): n for n, m in named_linears(model).items()}
     data = {"ids": probe.ids, "reference": probe.reference, "drawn": [list(d) for d in probe.drawn],
             "absmax": {named[k]: v for k, v in probe.absmax.items() if k in named}, "inputs": probe.inputs}
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
@@ -328,7 +329,7 @@ def load_probe(model: nn.Module, tokenizer, path: Path) -> Probe | None:
         ids = [tokenizer(t, return_tensors="pt").input_ids for t in probe_texts()]
         if len(ids) != len(data["ids"]) or not all(torch.equal(a, b) for a, b in zip(ids, data["ids"])):
             return None
-        linears = _named_linears(model)
+        linears = named_linears(model)
         if set(linears) != set(data["absmax"]) or any(data["absmax"][n].shape != (m.in_features,) for n, m in linears.items()):
             return None
         groups = linear_groups(model)
