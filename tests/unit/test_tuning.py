@@ -154,15 +154,21 @@ def test_the_real_ways_choose_something_faithful():
     assert "(decoding)" in t.describe()
 
 
-def test_the_choice_is_remembered_for_this_machine_and_made_again_on_another(tmp_path, monkeypatch, tok):
-    runs: list[int] = []
-    real_tune = tuning.tune
+def counted(monkeypatch, name: str) -> list[int]:
+    """``tuning.<name>`` left as it is, each call also noted in the list returned."""
+    calls: list[int] = []
+    real = getattr(tuning, name)
 
     def counting(*args, **kwargs):
-        runs.append(1)
-        return real_tune(*args, **kwargs)
+        calls.append(1)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(tuning, "tune", counting)
+    monkeypatch.setattr(tuning, name, counting)
+    return calls
+
+
+def test_the_choice_is_remembered_for_this_machine_and_made_again_on_another(tmp_path, monkeypatch, tok):
+    runs = counted(monkeypatch, "tune")
     model, _ = tiny_model()
     first = tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None)
     saved = list(tmp_path.glob("tiny-*.json"))
@@ -181,14 +187,7 @@ def test_the_choice_is_remembered_for_this_machine_and_made_again_on_another(tmp
 
 
 def test_the_probe_read_is_the_models_made_once_and_taken_by_every_machines_choice(tmp_path, monkeypatch, tok):
-    reads: list[int] = []
-    real_read = tuning.read_probe
-
-    def counting(*args, **kwargs):
-        reads.append(1)
-        return real_read(*args, **kwargs)
-
-    monkeypatch.setattr(tuning, "read_probe", counting)
+    reads = counted(monkeypatch, "read_probe")
     model, _ = tiny_model()
     first = tuning.tune_or_load(model, tok, tmp_path, "tiny", say=lambda m: None)
     saved = tuning.probe_path(tmp_path, "tiny")
