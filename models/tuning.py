@@ -346,7 +346,7 @@ def load_or_read_probe(model: nn.Module, tokenizer, folder: Path, model_key: str
     """The model's probe read: from ``folder`` if made before (by this model's conversion or an
     earlier choice on any machine), else read now and saved."""
     path = probe_path(folder, model_key)
-    probe = load_probe(model, tokenizer, path) if path.is_file() else None
+    probe = load_probe(model, tokenizer, path)
     if probe is None:
         started = time.perf_counter()
         probe = read_probe(model, tokenizer)
